@@ -1,0 +1,186 @@
+//! PostgreSQL and `nats-server` started from the binaries installed on this machine, as child
+//! processes that stop when the starting process ends (a parent-death signal set by `setpriv`).
+//!
+//! The testkit starts throwaway ones in temp dirs; `canopy up` starts durable ones in the
+//! project's data folder. Facts designed for: `initdb` refuses to run as root, so the server runs
+//! as the `postgres` user (or `nobody`); Debian keeps the server binaries outside PATH.
+
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+pub use process::{free_port, fresh_dir, is_root};
+use process::{run, spawn_detached};
+
+/// A server started by this process.
+#[derive(Debug, Clone)]
+pub struct LocalServer {
+    pub url: String,
+    pub pid: u32,
+    /// Where the server keeps its data and its log.
+    pub dir: PathBuf,
+}
+
+/// How durable a local Postgres should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync off: for throwaway test servers.
+    Throwaway,
+    /// Postgres defaults: for a dev stack whose data survives restarts.
+    Durable,
+}
+
+/// Starts Postgres on `port` with its cluster in `dir/data`, running `initdb` first when the
+/// cluster does not exist yet. Returns once the process is spawned; callers wait for readiness.
+pub fn start_postgres(dir: &Path, port: u16, durability: Durability) -> Result<LocalServer> {
+    let bin = postgres_bindir()?;
+    let data = dir.join("data");
+    let user = is_root().then(unprivileged_user);
+    std::fs::create_dir_all(dir)?;
+    let fresh = !data.join("PG_VERSION").exists();
+    if fresh {
+        std::fs::create_dir_all(&data)?;
+    }
+    let log_path = dir.join("postgres.log");
+    std::fs::File::create(&log_path)?;
+    if let Some(user) = &user {
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(dir))?;
+    }
+    if fresh {
+        run(as_user(&user, &bin.join("initdb"), None)
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data))
+        .context("initdb")?;
+    }
+    let log = std::fs::OpenOptions::new().append(true).open(&log_path)?;
+    let mut server = as_user(&user, &bin.join("postgres"), Some("INT"));
+    server
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+        ]);
+    if durability == Durability::Throwaway {
+        server.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
+        server.args(["-c", "full_page_writes=off"]);
+    }
+    server
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SIGINT is Postgres's fast shutdown.
+    let pid = spawn_detached(server).context("start postgres")?;
+    Ok(LocalServer {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        pid,
+        dir: dir.to_owned(),
+    })
+}
+
+/// Starts `nats-server -js` on `port` with its JetStream store in `dir/jetstream`.
+pub fn start_nats(dir: &Path, port: u16) -> Result<LocalServer> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("nats.log"))?;
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            "--pdeathsig",
+            "TERM",
+            "nats-server",
+            "-js",
+            "-a",
+            "127.0.0.1",
+        ])
+        .args(["-p", &port.to_string(), "-sd"])
+        .arg(dir.join("jetstream"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let pid = spawn_detached(command)
+        .context("start nats-server (is it installed? scripts/setup.sh installs it)")?;
+    Ok(LocalServer {
+        url: format!("nats://127.0.0.1:{port}"),
+        pid,
+        dir: dir.to_owned(),
+    })
+}
+
+/// `setpriv` with a parent-death signal, dropping to `user` when given.
+fn as_user(user: &Option<String>, program: &Path, death_signal: Option<&str>) -> Command {
+    let mut command = Command::new("setpriv");
+    if let Some(signal) = death_signal {
+        command.arg("--pdeathsig").arg(signal);
+    }
+    if let Some(user) = user {
+        command
+            .arg(format!("--reuid={user}"))
+            .arg(format!("--regid={user}"))
+            .arg("--init-groups");
+    }
+    command.arg(program);
+    command
+}
+
+fn unprivileged_user() -> String {
+    let has_postgres = std::fs::read_to_string("/etc/passwd")
+        .map(|passwd| passwd.lines().any(|l| l.starts_with("postgres:")))
+        .unwrap_or(false);
+    if has_postgres {
+        "postgres".to_owned()
+    } else {
+        "nobody".to_owned()
+    }
+}
+
+/// Debian keeps the server binaries outside PATH: ask `pg_config`, else look under
+/// /usr/lib/postgresql/*/bin (newest first).
+fn postgres_bindir() -> Result<PathBuf> {
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output()
+        && output.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, bin)) => Ok(bin),
+        None => {
+            bail!("no PostgreSQL server binaries found: run scripts/setup.sh or set DATABASE_URL")
+        }
+    }
+}
