@@ -1,0 +1,5 @@
+//! The `canopy` operator CLI.
+
+fn main() -> anyhow::Result<()> {
+    canopy::run()
+}
