@@ -1,4 +1,411 @@
-//! Canopy command-api: the only writer of events: authenticated HTTP commands validated against the aggregates.
+//! command-api: the only writer of events.
 //!
-//! Not built yet: this crate is a placeholder in the workspace layout; the issue that builds it
-//! replaces this file with the service's `build(config) -> App`.
+//! An axum service that turns authenticated HTTP commands into events: people's session and
+//! feature commands, and the agent runner's reports. Each request is checked in a fixed order
+//! (token, rate limit, headers, body size, media type, JSON, fields), then runs through one path
+//! ([`commands`]): an idempotency claim, the aggregate store (load, decide, append, with
+//! per-aggregate serialization in the process and retried conflicts between processes), and an
+//! answer that names the aggregate, its new version and the appended events. Nothing is written
+//! for a request that is refused. Errors are problem+json with stable codes ([`error`]).
+//!
+//! `build(config)` binds (port 0 in tests) and `App::run_until(shutdown)` serves until shutdown,
+//! draining in-flight requests.
+
+mod auth;
+mod commands;
+pub mod dto;
+pub mod error;
+mod extract;
+mod idempotency;
+mod rate_limit;
+mod routes;
+mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use canopy_auth::{AuthConfig, Verifier};
+use canopy_event_store::{AggregateStore, DbConfig, PgPool, RetryPolicy, StoreConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use auth::Caller;
+use error::ApiError;
+use rate_limit::RateLimiter;
+use validate::Limits;
+
+/// command-api's configuration (flags or `CANOPY_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long = "listen",
+        env = "CANOPY_COMMAND_API_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: SocketAddr,
+    /// Postgres URL (falls back to DATABASE_URL).
+    #[arg(long, env = "CANOPY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HS256 secret for bearer tokens (at least 16 bytes).
+    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
+    pub jwt_secret: String,
+    /// PEM file with an RS256 public key; RS256 tokens are accepted when set.
+    #[arg(long, env = "CANOPY_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "CANOPY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest prompt text, in bytes.
+    #[arg(long, env = "CANOPY_MAX_PROMPT_BYTES", default_value_t = 64 * 1024)]
+    pub max_prompt_bytes: usize,
+    /// Sustained commands per second per person.
+    #[arg(long, env = "CANOPY_RATE_LIMIT_PER_SECOND", default_value_t = 10)]
+    pub rate_limit_per_second: u32,
+    /// Commands a person may send at once before the sustained rate applies.
+    #[arg(long, env = "CANOPY_RATE_LIMIT_BURST", default_value_t = 60)]
+    pub rate_limit_burst: u32,
+    /// Origins allowed by CORS (comma-separated; none by default).
+    #[arg(long, env = "CANOPY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// How long idempotency keys are kept, in hours (at least 24).
+    #[arg(long, env = "CANOPY_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
+    pub idempotency_ttl_hours: u64,
+    /// Attempts of a command that lost an append race to another process.
+    #[arg(long, env = "CANOPY_COMMAND_ATTEMPTS", default_value_t = 5)]
+    pub command_attempts: u32,
+    /// Database connections.
+    #[arg(long, env = "CANOPY_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: defaults, the given database, port 0.
+    pub fn for_database(database_url: impl Into<String>) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        let mut config = Defaults::parse_from(["command-api"]).config;
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database_url = Some(database_url.into());
+        config
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) store: AggregateStore,
+    pub(crate) pool: PgPool,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) rate_limiter: Arc<RateLimiter>,
+    pub(crate) idempotency_ttl: Duration,
+    pub(crate) metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// A bound, ready-to-serve command-api.
+#[derive(Debug)]
+pub struct App {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+/// Connects to the database, applies migrations and binds the listener.
+pub async fn build(config: Config) -> anyhow::Result<App> {
+    let url = config
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|url| !url.is_empty())
+        .context("no database: set CANOPY_DATABASE_URL (or DATABASE_URL)")?;
+    let mut db = DbConfig::new(url);
+    db.max_connections = config.db_max_connections;
+    db.application_name = "canopy-command-api".to_owned();
+    let pool = canopy_event_store::connect(&db)
+        .await
+        .context("connect to the database")?;
+    canopy_event_store::migrate(&pool)
+        .await
+        .context("apply migrations")?;
+
+    if config.jwt_secret == canopy_auth::DEV_SECRET {
+        tracing::warn!("CANOPY_JWT_SECRET is not set: accepting tokens signed with the dev secret");
+    }
+    let rs256_public_key_pem = match &config.jwt_rs256_public_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read the RS256 public key {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let verifier = Verifier::new(&AuthConfig {
+        hs256_secret: config.jwt_secret.clone(),
+        rs256_public_key_pem,
+        leeway_secs: 30,
+    })
+    .context("configure token verification")?;
+
+    let store = AggregateStore::new(
+        pool.clone(),
+        StoreConfig {
+            retry: RetryPolicy {
+                max_attempts: config.command_attempts.max(1),
+                ..RetryPolicy::default()
+            },
+            ..StoreConfig::default()
+        },
+    );
+    let state = AppState {
+        store,
+        pool,
+        verifier: Arc::new(verifier),
+        limits: Arc::new(Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_prompt_bytes: config.max_prompt_bytes,
+        }),
+        rate_limiter: Arc::new(RateLimiter::new(
+            config.rate_limit_per_second,
+            config.rate_limit_burst,
+        )),
+        idempotency_ttl: Duration::from_secs(config.idempotency_ttl_hours.max(24) * 3600),
+        metrics: metrics_handle(),
+    };
+    let router = router(state.clone(), &config.cors_origins)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    Ok(App {
+        listener,
+        router,
+        state,
+    })
+}
+
+impl App {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let housekeeping = tokio::spawn(housekeeping(self.state.clone(), stop.subscribe()));
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("command-api shutting down; draining in-flight requests");
+            })
+            .await;
+        let _ = stop.send(true);
+        let _ = stopped.changed().await;
+        housekeeping.await.ok();
+        served.context("serve HTTP")
+    }
+}
+
+/// Purges expired idempotency keys and idle rate-limit buckets every few minutes.
+async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match idempotency::purge_expired(&state.pool).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired idempotency keys purged"),
+            Err(error) => tracing::warn!(%error, "could not purge idempotency keys"),
+        }
+        state.rate_limiter.forget_idle();
+    }
+}
+
+/// The OpenAPI document of command-api.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Canopy command-api", description = "The only writer of events: people's session and feature commands and the agent runner's reports. Errors are RFC 9457 problem+json with a stable `code`."),
+    components(schemas(dto::CommandAccepted, error::Problem, error::FieldError)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "People's session commands"),
+        (name = "runner", description = "The agent runner's reports (service role; Idempotency-Key required)"),
+        (name = "features", description = "Features: shared context of several sessions"),
+        (name = "ops", description = "Health, readiness and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut bearer = Http::new(HttpAuthScheme::Bearer);
+        bearer.bearer_format = Some("JWT".to_owned());
+        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    use routes::{features, ops, runner, sessions};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(sessions::start_session))
+        .routes(routes!(sessions::join_session))
+        .routes(routes!(sessions::leave_session))
+        .routes(routes!(sessions::submit_prompt))
+        .routes(routes!(sessions::cancel_prompt))
+        .routes(routes!(sessions::approve_plan))
+        .routes(routes!(sessions::reject_plan))
+        .routes(routes!(sessions::grant_tool_approval))
+        .routes(routes!(sessions::deny_tool_approval))
+        .routes(routes!(sessions::request_checkpoint))
+        .routes(routes!(sessions::request_restore))
+        .routes(routes!(sessions::request_push))
+        .routes(routes!(sessions::complete_session))
+        .routes(routes!(sessions::archive_session))
+        .routes(routes!(runner::prompt_started))
+        .routes(routes!(runner::prompt_completed))
+        .routes(routes!(runner::prompt_failed))
+        .routes(routes!(runner::plan_proposed))
+        .routes(routes!(runner::tool_approval_requested))
+        .routes(routes!(runner::tool_executed))
+        .routes(routes!(runner::agent_message))
+        .routes(routes!(runner::usage))
+        .routes(routes!(runner::checkpoint_taken))
+        .routes(routes!(runner::checkpoint_restored))
+        .routes(routes!(runner::branch_pushed))
+        .routes(routes!(runner::sandbox_started))
+        .routes(routes!(runner::sandbox_stopped))
+        .routes(routes!(runner::session_failed))
+        .routes(routes!(features::create_feature))
+        .routes(routes!(features::attach_session))
+        .routes(routes!(features::share_learning))
+        .routes(routes!(features::record_decision))
+        .routes(routes!(features::complete_feature))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+}
+
+/// The OpenAPI document as the code defines it (checked in as `openapi/command-api.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
+    let (api, openapi) = api_router().split_for_parts();
+    let openapi_json = openapi.clone();
+    let cors = cors(cors_origins)?;
+    let request_id = HeaderName::from_static("x-request-id");
+    Ok(api
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { axum::Json(openapi_json) }),
+        )
+        .merge(SwaggerUi::new("/docs"))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .layer(axum::middleware::from_fn(observe))
+        .layer(TraceLayer::new_for_http())
+        .layer(cors)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
+}
+
+fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
+    let origins = origins
+        .iter()
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| HeaderValue::from_str(o.trim()).with_context(|| format!("CORS origin {o}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::IF_MATCH,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("x-causation-id"),
+        ])
+        .expose_headers([
+            axum::http::header::RETRY_AFTER,
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("idempotent-replayed"),
+        ]))
+}
+
+/// Makes the request id available to error rendering and records request metrics.
+async fn observe(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = error::REQUEST_ID.scope(request_id, next.run(request)).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("canopy_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("canopy_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// One Prometheus recorder per process, shared by every app in it.
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                Err(error) => {
+                    tracing::warn!(%error, "a metrics recorder is already installed; /metrics shows only this app's own");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}

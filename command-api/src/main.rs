@@ -1,9 +1,33 @@
-//! The canopy-command-api binary. Not built yet: it exits with status 2 and says so.
+//! The canopy-command-api binary: parse config, start logging, serve until SIGTERM or Ctrl+C.
 
-fn main() -> std::process::ExitCode {
-    #[allow(clippy::print_stderr)]
-    {
-        eprintln!("canopy-command-api is not built yet");
+use clap::Parser;
+
+/// Canopy command-api.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: canopy_command_api::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let app = canopy_command_api::build(cli.config).await?;
+    tracing::info!(addr = %app.local_addr(), "command-api listening");
+    app.run_until(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
-    std::process::ExitCode::from(2)
 }

@@ -32,17 +32,14 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
     /// Where the embedded PostgreSQL keeps its data (used when no database URL is configured).
     #[arg(long, env = "CANOPY_DATA_DIR", default_value = ".canopy")]
     pub data_dir: std::path::PathBuf,
     /// Port of the embedded PostgreSQL.
     #[arg(long, env = "CANOPY_EMBEDDED_PG_PORT", default_value_t = 54329)]
     pub embedded_pg_port: u16,
-    /// HS256 secret the printed dev tokens are signed with.
-    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub command_api: canopy_command_api::Config,
 }
 
 #[derive(Debug, clap::Args)]

@@ -2,17 +2,21 @@
 //!
 //! Uses the configured database when there is one; otherwise starts an embedded PostgreSQL (the
 //! installed server binaries, data in the project's data folder, surviving restarts) that stops
-//! when this process does. Applies the migrations and prints what a developer needs.
-
-use std::time::Duration;
+//! when this process does. Then runs command-api (which applies the migrations) and prints what
+//! a developer needs: the URLs and a dev token per role.
 
 use anyhow::{Context, Result};
-use canopy_event_store::DbConfig;
 
 use crate::{RoleArg, TokenArgs, UpArgs, mint, say};
 
 pub(crate) async fn run(args: UpArgs) -> Result<()> {
-    let url = match args.database.url().ok() {
+    let mut config = args.command_api;
+    let configured = config
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|url| !url.is_empty());
+    let url = match configured {
         Some(url) => url,
         None => {
             let dir = std::path::absolute(args.data_dir.join("postgres"))?;
@@ -23,22 +27,29 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             )
             .context("start the embedded PostgreSQL")?;
             tracing::info!(dir = %dir.display(), pid = server.pid, "embedded PostgreSQL started");
+            // wait until it answers before command-api connects
+            let pool = canopy_event_store::connect_when_ready(
+                &canopy_event_store::DbConfig::new(&server.url),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .context("the embedded PostgreSQL did not start")?;
+            pool.close().await;
             server.url
         }
     };
-    let pool =
-        canopy_event_store::connect_when_ready(&DbConfig::new(&url), Duration::from_secs(30))
-            .await
-            .context("connect to the database")?;
-    canopy_event_store::migrate(&pool)
+    config.database_url = Some(url.clone());
+    let secret = config.jwt_secret.clone();
+    let app = canopy_command_api::build(config)
         .await
-        .context("apply migrations")?;
-    if args.secret == canopy_auth::DEV_SECRET {
-        tracing::warn!("CANOPY_JWT_SECRET is not set: tokens are signed with the dev secret");
-    }
+        .context("start command-api")?;
+    let addr = app.local_addr();
 
-    say(&format!("database: {url}"))?;
-    say("dev tokens (24 h):")?;
+    say(&format!("database:     {url}"))?;
+    say(&format!("command-api:  http://{addr}"))?;
+    say(&format!("  docs:       http://{addr}/docs/"))?;
+    say(&format!("  openapi:    http://{addr}/openapi.json"))?;
+    say("dev tokens (24 h), workspace dev-workspace:")?;
     for role in [
         RoleArg::Owner,
         RoleArg::Admin,
@@ -55,18 +66,21 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             email: None,
             workspace: "dev-workspace".to_owned(),
             ttl_hours: 24,
-            secret: args.secret.clone(),
+            secret: secret.clone(),
         })?;
         say(&format!("  {name:<8} {token}"))?;
     }
     say("press Ctrl+C to stop")?;
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    pool.close().await;
+    app.run_until(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,0 +1,232 @@
+//! The API's one error type: every failure a client can see, with a stable `code`, rendered as
+//! RFC 9457 problem+json. The status of each code is decided in one table, [`ApiError::status`].
+//! 5xx bodies carry only the request id; the details go to the log.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use canopy_domain::DomainError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// One invalid field of a request body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// JSON path of the field (`text`, `steps[3]`, or `.` for the body itself).
+    pub field: String,
+    pub message: String,
+}
+
+/// Every error the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("the body must be application/json")]
+    UnsupportedMediaType,
+    #[error("the request has invalid fields")]
+    Validation(Vec<FieldError>),
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the prompt text is larger than {limit} bytes")]
+    PromptTooLarge { limit: usize },
+    #[error("invalid {header} header: {reason}")]
+    InvalidHeader {
+        header: &'static str,
+        reason: &'static str,
+    },
+    #[error("the runner must send an Idempotency-Key header")]
+    IdempotencyKeyRequired,
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed")]
+    IdempotencyInFlight,
+    #[error("the aggregate is at version {actual}, not {expected}")]
+    VersionMismatch { expected: usize, actual: usize },
+    #[error("the aggregate was changed concurrently; retry")]
+    ConcurrencyConflict { retry_after: Duration },
+    #[error("too many requests")]
+    RateLimited { retry_after: Duration },
+    #[error("{what} does not exist in this workspace")]
+    Reference { code: &'static str, what: String },
+    #[error("{0}")]
+    Domain(DomainError),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the service is not ready")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    /// Wraps any failure we did not expect; its details reach only the log.
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    /// The stable code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Validation(_) => "validation_failed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::PromptTooLarge { .. } => "prompt_too_large",
+            Self::InvalidHeader { .. } => "invalid_header",
+            Self::IdempotencyKeyRequired => "idempotency_key_required",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyInFlight => "idempotency_key_in_flight",
+            Self::VersionMismatch { .. } => "version_mismatch",
+            Self::ConcurrencyConflict { .. } => "concurrency_conflict",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Reference { code, .. } => code,
+            Self::Domain(error) => error.code(),
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The one table from error to HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::MalformedJson(_) | Self::InvalidHeader { .. } | Self::IdempotencyKeyRequired => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation(_) | Self::IdempotencyKeyReused | Self::Reference { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::PayloadTooLarge { .. } | Self::PromptTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::IdempotencyInFlight
+            | Self::VersionMismatch { .. }
+            | Self::ConcurrencyConflict { .. } => StatusCode::CONFLICT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Domain(error) => domain_status(error),
+            Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when retrying can help.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::ConcurrencyConflict { retry_after } | Self::RateLimited { retry_after } => {
+                Some(*retry_after)
+            }
+            Self::IdempotencyInFlight => Some(Duration::from_secs(1)),
+            Self::Unavailable => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+
+    /// Whether a repeat of the same request could get another answer: such answers are not
+    /// remembered under an idempotency key.
+    pub fn is_transient(&self) -> bool {
+        self.retry_after().is_some() || self.status().is_server_error()
+    }
+
+    /// The problem+json body. 5xx bodies say nothing but the request id.
+    pub fn problem(&self, request_id: Option<&str>) -> Problem {
+        let status = self.status();
+        let detail = if status.is_server_error() {
+            None
+        } else {
+            Some(self.to_string())
+        };
+        Problem {
+            problem_type: format!("urn:canopy:problem:{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            code: self.code().to_owned(),
+            detail,
+            request_id: request_id.map(str::to_owned),
+            errors: match self {
+                Self::Validation(errors) => Some(errors.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Domain refusals: who may not (403), what is not there (404), what the request itself gets
+/// wrong whatever the state (422), and what the current state does not allow (409).
+fn domain_status(error: &DomainError) -> StatusCode {
+    match error {
+        DomainError::Forbidden => StatusCode::FORBIDDEN,
+        DomainError::NotFound => StatusCode::NOT_FOUND,
+        DomainError::InvalidCommand(_) | DomainError::ToolNotReadOnly(_) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        DomainError::PromptNotFound(_)
+        | DomainError::PlanNotFound(_)
+        | DomainError::ApprovalRequestNotFound(_)
+        | DomainError::CheckpointNotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::CONFLICT,
+    }
+}
+
+/// RFC 9457 problem details, with Canopy's stable `code`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable, machine-readable error code.
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The invalid fields, for `validation_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+tokio::task_local! {
+    /// The id of the request being answered, set by the request-id middleware and read when an
+    /// error is rendered.
+    pub(crate) static REQUEST_ID: String;
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = REQUEST_ID.try_with(Clone::clone).ok();
+        if let Self::Internal(error) = &self {
+            tracing::error!(request_id = request_id.as_deref(), error = ?error, "internal error");
+        }
+        let problem = self.problem(request_id.as_deref());
+        let mut response = (self.status(), axum::Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(retry_after) = self.retry_after() {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(error: DomainError) -> Self {
+        Self::Domain(error)
+    }
+}
