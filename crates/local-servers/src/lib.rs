@@ -24,6 +24,27 @@ pub struct LocalServer {
     pub dir: PathBuf,
 }
 
+impl LocalServer {
+    /// Sends `signal` (`TERM`, `KILL`, ...) to the server process, with the `kill` command.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        run(Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string()))
+    }
+
+    /// Whether the process has ended. Children are never reaped (see `process`), so an ended
+    /// one lingers as a zombie until the starting process exits; that counts as ended.
+    pub fn has_exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_none_or(|state| state == "Z" || state == "X"),
+            Err(_) => true,
+        }
+    }
+}
+
 /// How durable a local Postgres should be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

@@ -1,13 +1,15 @@
 //! NATS JetStream for tests: a server (from `NATS_URL` or started here) and a unique prefix per
-//! test for its streams and subjects.
+//! test for its streams and subjects; and [`OwnedNats`], a server one test owns and may stop and
+//! start again.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use tokio::sync::OnceCell;
 
-use canopy_local_servers::{free_port, fresh_dir, start_nats as start};
+use canopy_local_servers::{LocalServer, free_port, fresh_dir, start_nats as start};
 
 /// A NATS server with JetStream enabled.
 #[derive(Debug, Clone)]
@@ -89,6 +91,106 @@ pub async fn nats() -> Result<TestNats> {
         prefix: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
         url: server.url.clone(),
     })
+}
+
+/// A nats-server owned by one test, which can stop it and start it again on the same port with
+/// the same JetStream store (to test outages). Always started here, even when `NATS_URL` is set.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct OwnedNats {
+    pub url: String,
+    port: u16,
+    dir: PathBuf,
+    server: Option<LocalServer>,
+}
+
+impl OwnedNats {
+    /// Starts a fresh server (new store, free port) and waits until JetStream answers.
+    pub async fn start() -> Result<Self> {
+        let dir = fresh_dir("nats-owned")?;
+        let port = free_port()?;
+        let mut nats = Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            dir,
+            server: None,
+        };
+        nats.start_again().await?;
+        Ok(nats)
+    }
+
+    /// Starts the server again on its port and store; waits until JetStream answers.
+    pub async fn start_again(&mut self) -> Result<()> {
+        anyhow::ensure!(self.server.is_none(), "nats-server is already running");
+        let (dir, port) = (self.dir.clone(), self.port);
+        let server = tokio::task::spawn_blocking(move || start(&dir, port)).await??;
+        self.url = server.url.clone();
+        self.server = Some(server);
+        wait_ready(&self.url).await
+    }
+
+    /// Stops the server gracefully (SIGTERM) and waits until it has exited (SIGKILL after 10 s).
+    pub async fn stop(&mut self) -> Result<()> {
+        self.end("TERM").await
+    }
+
+    /// Kills the server (SIGKILL), as a crash would, and waits until it has exited.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.end("KILL").await
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.server.as_ref().is_some_and(|s| !s.has_exited())
+    }
+
+    /// A client that reconnects for ever, and keeps trying when the server is down at first.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(&self.url)
+            .await
+            .context("connect to the owned NATS server")
+    }
+
+    async fn end(&mut self, signal: &str) -> Result<()> {
+        let Some(server) = self.server.take() else {
+            return Ok(());
+        };
+        server.signal(signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.has_exited() {
+            if Instant::now() > deadline {
+                server.signal("KILL")?;
+                anyhow::ensure!(
+                    wait_exit(&server, Duration::from_secs(5)).await,
+                    "nats-server {} did not exit",
+                    server.pid
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnedNats {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.signal("KILL");
+        }
+    }
+}
+
+async fn wait_exit(server: &LocalServer, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !server.has_exited() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 fn start_nats() -> Result<NatsServer> {
