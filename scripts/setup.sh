@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Canopy needs on a Debian or Ubuntu machine, skipping whatever is already there:
-# the PostgreSQL server binaries, nats-server, and the Rust test runner cargo-nextest.
+# the PostgreSQL server binaries, nats-server, npm and the pinned OpenCode, and the Rust test
+# runner cargo-nextest.
 # Safe to run again; README's commands run it first.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
 fi
 command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+if [ -z "${CANOPY_OPENCODE_BIN:-}" ]; then command -v npm >/dev/null 2>&1 || need_apt+=(npm); fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -43,4 +45,31 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# OpenCode, pinned: the agent runner drives `opencode serve`, and the canopy-opencode tests run the
+# real binary. npm installs it into a versioned prefix, so a new pin installs beside the old one
+# and nothing here has to be cleaned to rebuild. canopy-opencode finds the binary in that prefix
+# (or at CANOPY_OPENCODE_BIN). Keep the version in step with OPENCODE_VERSION in
+# crates/opencode/src/binary.rs.
+opencode_version=1.18.33
+opencode_prefix="${XDG_CACHE_HOME:-$HOME/.cache}/canopy/opencode-$opencode_version"
+opencode_bin="$opencode_prefix/bin/opencode"
+# The wrapper's postinstall hard-links the platform binary to bin/opencode; when npm skips install
+# scripts (npm 11 warns they are "not yet covered by allowScripts") the platform package still
+# holds it.
+opencode_fallback="$opencode_prefix/lib/node_modules/opencode-ai/node_modules/opencode-linux-x64/bin/opencode"
+if [ -z "${CANOPY_OPENCODE_BIN:-}" ] && [ ! -x "$opencode_bin" ] && [ ! -x "$opencode_fallback" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    log "npm is missing: install Node.js with npm (apt-get install npm), or set CANOPY_OPENCODE_BIN to an opencode $opencode_version binary, and run again"
+    exit 1
+  fi
+  log "installing opencode-ai@$opencode_version into $opencode_prefix (about 350 MB)"
+  mkdir -p "$opencode_prefix"
+  npm install --global --prefix "$opencode_prefix" --no-fund --no-audit --loglevel=error \
+    "opencode-ai@$opencode_version" >&2
+  if [ ! -x "$opencode_bin" ] && [ ! -x "$opencode_fallback" ]; then
+    log "npm finished but no opencode binary is in $opencode_prefix"
+    exit 1
+  fi
 fi

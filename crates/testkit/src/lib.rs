@@ -9,8 +9,12 @@
 //! per test process; they are started with a parent-death signal, so they stop when the test
 //! process ends, and their directories are swept by the next run.
 
+mod model_server;
 mod nats;
 mod postgres;
 
-pub use nats::{NatsServer, TestNats, nats, nats_server};
+pub use model_server::{
+    Answer, ModelServer, RecordedRequest, SCRIPTED_MODEL_ID, SCRIPTED_TITLE, Script, Step, ToolCall,
+};
+pub use nats::{NatsServer, OwnedNats, TestNats, nats, nats_server};
 pub use postgres::{PgServer, TestDb, database, pg_server};
