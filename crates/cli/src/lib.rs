@@ -1,8 +1,10 @@
 //! The `canopy` operator CLI: one home for operator subcommands.
 //!
-//! Built so far: `migrate` (apply the event-store migrations) and `token` (mint a dev JWT for any
-//! role). Later items add `up`, `relay`, `rebuild`, `audit`, `demo` and `bench` here.
+//! Built so far: `migrate`, `token` (a dev JWT for any role), `up` (the whole stack), `relay`
+//! (run the relay, or republish), `rebuild` (a projection from the event store) and `parked`
+//! (list or retry events a projection parked). Later items add `audit`, `demo` and `bench`.
 
+mod ops;
 mod up;
 
 use std::io::Write;
@@ -27,7 +29,13 @@ pub enum Command {
     /// Mint a signed JWT for development and tests.
     Token(TokenArgs),
     /// Start the stack: the database (embedded unless configured), migrations, dev tokens.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
+    /// Run the relay from the event store to JetStream, or republish events.
+    Relay(ops::RelayArgs),
+    /// Rebuild a projection's read models from the event store and swap them in.
+    Rebuild(ops::RebuildArgs),
+    /// Events a projection could not apply: list them, or apply them again.
+    Parked(ops::ParkedArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,8 +46,16 @@ pub struct UpArgs {
     /// Port of the embedded PostgreSQL.
     #[arg(long, env = "CANOPY_EMBEDDED_PG_PORT", default_value_t = 54329)]
     pub embedded_pg_port: u16,
+    /// NATS server with JetStream (falls back to NATS_URL; embedded when neither is set).
+    #[arg(long, env = "CANOPY_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Port of the embedded nats-server.
+    #[arg(long, env = "CANOPY_EMBEDDED_NATS_PORT", default_value_t = 42229)]
+    pub embedded_nats_port: u16,
     #[command(flatten)]
     pub command_api: canopy_command_api::Config,
+    #[command(flatten)]
+    pub projectors: canopy_projectors::ProjectorsConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,11 +134,14 @@ pub fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    if let Command::Up(args) = cli.command {
-        return runtime.block_on(up::run(args));
+    match cli.command {
+        Command::Up(args) => runtime.block_on(up::run(*args)),
+        Command::Relay(args) if args.command.is_none() => runtime.block_on(ops::run_relay(args)),
+        command => {
+            let output = runtime.block_on(execute(command))?;
+            say(&output)
+        }
     }
-    let output = runtime.block_on(execute(cli.command))?;
-    say(&output)
 }
 
 /// Writes a line of the CLI's own output (its product, unlike logs) to stdout.
@@ -149,6 +168,9 @@ pub async fn execute(command: Command) -> Result<String> {
         }
         Command::Token(args) => mint(&args),
         Command::Up(_) => anyhow::bail!("`canopy up` runs until stopped; call up::run"),
+        Command::Relay(args) => ops::relay_command(args).await,
+        Command::Rebuild(args) => ops::rebuild(args).await,
+        Command::Parked(args) => ops::parked(args).await,
     }
 }
 

@@ -1,22 +1,21 @@
 //! `canopy up`: the whole stack on one machine with nothing configured.
 //!
-//! Uses the configured database when there is one; otherwise starts an embedded PostgreSQL (the
-//! installed server binaries, data in the project's data folder, surviving restarts) that stops
-//! when this process does. Then runs command-api (which applies the migrations) and prints what
-//! a developer needs: the URLs and a dev token per role.
+//! Uses the configured database and NATS when there are; otherwise starts an embedded
+//! PostgreSQL and nats-server (the installed binaries, data in the project's data folder,
+//! surviving restarts) that stop when this process does. Then runs command-api (which applies
+//! the migrations), the relay and the projectors in this one process, and prints what a
+//! developer needs: the URLs and a dev token per role.
+
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use canopy_event_store::DbConfig;
 
 use crate::{RoleArg, TokenArgs, UpArgs, mint, say};
 
 pub(crate) async fn run(args: UpArgs) -> Result<()> {
     let mut config = args.command_api;
-    let configured = config
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .filter(|url| !url.is_empty());
-    let url = match configured {
+    let database_url = match configured(config.database_url.clone(), "DATABASE_URL") {
         Some(url) => url,
         None => {
             let dir = std::path::absolute(args.data_dir.join("postgres"))?;
@@ -27,25 +26,48 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             )
             .context("start the embedded PostgreSQL")?;
             tracing::info!(dir = %dir.display(), pid = server.pid, "embedded PostgreSQL started");
-            // wait until it answers before command-api connects
-            let pool = canopy_event_store::connect_when_ready(
-                &canopy_event_store::DbConfig::new(&server.url),
-                std::time::Duration::from_secs(30),
-            )
-            .await
-            .context("the embedded PostgreSQL did not start")?;
-            pool.close().await;
             server.url
         }
     };
-    config.database_url = Some(url.clone());
+    let nats_url = match configured(args.nats_url.clone(), "NATS_URL") {
+        Some(url) => url,
+        None => {
+            let dir = std::path::absolute(args.data_dir.join("nats"))?;
+            let server = canopy_local_servers::start_nats(&dir, args.embedded_nats_port)
+                .context("start the embedded nats-server")?;
+            tracing::info!(dir = %dir.display(), pid = server.pid, "embedded nats-server started");
+            server.url
+        }
+    };
+
+    let mut db = DbConfig::new(&database_url);
+    db.application_name = "canopy-up".to_owned();
+    let pool = canopy_event_store::connect_when_ready(&db, Duration::from_secs(30))
+        .await
+        .context("connect to the database")?;
+    canopy_event_store::migrate(&pool)
+        .await
+        .context("apply migrations")?;
+    let nats = connect_nats(&nats_url).await?;
+
+    config.database_url = Some(database_url.clone());
     let secret = config.jwt_secret.clone();
     let app = canopy_command_api::build(config)
         .await
         .context("start command-api")?;
     let addr = app.local_addr();
+    let relay = canopy_relay::Relay::new(
+        canopy_relay::RelayConfig::with_stream(
+            &args.projectors.stream_name,
+            &args.projectors.subject_prefix,
+        ),
+        pool.clone(),
+        nats.clone(),
+    );
+    let projectors = canopy_projectors::Projectors::new(args.projectors, pool.clone(), nats);
 
-    say(&format!("database:     {url}"))?;
+    say(&format!("database:     {database_url}"))?;
+    say(&format!("nats:         {nats_url}"))?;
     say(&format!("command-api:  http://{addr}"))?;
     say(&format!("  docs:       http://{addr}/docs/"))?;
     say(&format!("  openapi:    http://{addr}/openapi.json"))?;
@@ -72,15 +94,56 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     }
     say("press Ctrl+C to stop")?;
 
-    app.run_until(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stopped = |stop: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = stop.subscribe();
+        async move {
+            let _ = rx.recv().await;
         }
-    })
-    .await?;
+    };
+    let api = tokio::spawn(app.run_until(stopped(&stop)));
+    let relay_stop = stopped(&stop);
+    let relay_task = tokio::spawn(async move { relay.run_until(relay_stop).await });
+    let projectors_stop = stopped(&stop);
+    let projectors_task = tokio::spawn(async move { projectors.run_until(projectors_stop).await });
+    shutdown_signal().await;
+    let _ = stop.send(());
+    api.await?.context("command-api")?;
+    relay_task.await?.context("relay")?;
+    projectors_task.await?.context("projectors")?;
+    pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn configured(flag: Option<String>, fallback_env: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(fallback_env).ok())
+        .filter(|url| !url.is_empty())
+}
+
+async fn connect_nats(url: &str) -> Result<async_nats::Client> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match async_nats::connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                return Err(error).context("connect to NATS");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl+C.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
 }
