@@ -8,9 +8,10 @@
 //!    An event that does not apply is parked (as the live consumers do) and the aggregate's later
 //!    events are parked behind it, so one poisoned event does not stop a rebuild.
 //! 3. The swap runs in one short transaction holding the projection's advisory lock exclusively
-//!    (live writers take it shared per event): it applies the events committed since (every
-//!    event the live projector can have seen is committed, hence visible here), then replaces the
-//!    live tables by the shadow ones. Readers see the old tables until the commit, then the new.
+//!    (live writers take it shared per transaction): it applies the events committed since, up
+//!    to the horizon (every event the relay can have published, hence the live projector can
+//!    have applied, is below it), then replaces the live tables by the shadow ones. Readers see
+//!    the old tables until the commit, then the new.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -73,8 +74,7 @@ pub async fn rebuild(
     loop {
         let mut tx = pool.begin().await?;
         use_schema(&mut tx, &shadow).await?;
-        let batch =
-            read_events(&mut tx, projection, &cursor, Some(options.batch_size), true).await?;
+        let batch = read_events(&mut tx, projection, &cursor, Some(options.batch_size)).await?;
         if batch.is_empty() {
             tx.rollback().await?;
             break;
@@ -92,17 +92,13 @@ pub async fn rebuild(
             .execute(&mut *tx)
             .await?;
         use_schema(&mut tx, &shadow).await?;
-        // Everything committed by now, horizon or not: the live projector can only have applied
-        // committed events, and later commits reach it after the swap.
+        // The rest, below the horizon as everywhere: every event the relay can have published
+        // (hence the live projector applied) had a transaction id below the relay's horizon at
+        // the time, which is at most this one; later ones reach the live projector after the
+        // swap. Reading past the horizon would skip a transaction still running below a
+        // committed one.
         loop {
-            let batch = read_events(
-                &mut tx,
-                projection,
-                &cursor,
-                Some(options.batch_size),
-                false,
-            )
-            .await?;
+            let batch = read_events(&mut tx, projection, &cursor, Some(options.batch_size)).await?;
             if batch.is_empty() {
                 break;
             }
@@ -319,27 +315,22 @@ type EventRow = (
     DateTime<Utc>,
 );
 
-/// Reads the projection's events after `cursor`, below the horizon when `below_horizon`.
+/// Reads the projection's committed events after `cursor`, below the snapshot horizon.
 async fn read_events(
     conn: &mut PgConnection,
     projection: Projection,
     cursor: &Cursor,
     limit: Option<i64>,
-    below_horizon: bool,
 ) -> Result<Vec<(Cursor, Envelope)>, ProjectorError> {
-    let horizon = if below_horizon {
-        "AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-    } else {
-        ""
-    };
-    let rows: Vec<EventRow> = sqlx::query_as(&format!(
+    let rows: Vec<EventRow> = sqlx::query_as(
         "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
                 metadata, position, transaction_id::text AS xid_text, recorded_at
            FROM public.events
-          WHERE aggregate_type = $1 AND (transaction_id, position) > ($2::text::xid8, $3) {horizon}
+          WHERE aggregate_type = $1 AND (transaction_id, position) > ($2::text::xid8, $3)
+            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY events.transaction_id, events.position
-          LIMIT $4"
-    ))
+          LIMIT $4",
+    )
     .bind(projection.aggregate_type())
     .bind(cursor.transaction_id.to_string())
     .bind(cursor.position)

@@ -4,7 +4,7 @@ use canopy_domain::FeatureEvent;
 use canopy_relay::Envelope;
 use sqlx::PgConnection;
 
-use super::{ProjectionError, decode, uuid};
+use super::{ProjectionError, decode, uuid, xid};
 
 pub(super) async fn handle(
     conn: &mut PgConnection,
@@ -16,8 +16,8 @@ pub(super) async fn handle(
         FeatureEvent::FeatureCreated(e) => {
             sqlx::query(
                 "INSERT INTO features (feature_id, workspace_id, title, description, status, created_by,
-                     created_at, version)
-                 VALUES ($1, $2, $3, $4, 'active', $5, $6, $7)",
+                     created_at, version, created_xid, created_position)
+                 VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9)",
             )
             .bind(feature_id)
             .bind(&e.workspace_id)
@@ -26,6 +26,8 @@ pub(super) async fn handle(
             .bind(&e.created_by)
             .bind(at)
             .bind(event.sequence)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
             return Ok(());

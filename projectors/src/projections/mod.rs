@@ -53,7 +53,7 @@ impl Projection {
     /// Bumped when the projection's logic or tables change: a projection whose built version
     /// differs is rebuilt from the event store at start-up.
     pub fn definition_version(self) -> i32 {
-        1
+        2
     }
 
     /// The aggregate type whose events the projection consumes.
@@ -127,4 +127,9 @@ pub(crate) fn uuid(event: &Envelope) -> Result<uuid::Uuid, ProjectionError> {
     event.aggregate_id.parse().map_err(|_| {
         ProjectionError::Inconsistent(format!("aggregate id {} is not a uuid", event.aggregate_id))
     })
+}
+
+/// The creating event's transaction id: the listing order's first key.
+pub(crate) fn xid(event: &Envelope) -> i64 {
+    i64::try_from(event.transaction_id).unwrap_or(i64::MAX)
 }

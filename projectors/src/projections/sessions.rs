@@ -7,7 +7,7 @@ use canopy_relay::Envelope;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{ProjectionError, decode, uuid};
+use super::{ProjectionError, decode, uuid, xid};
 
 const PREVIEW_CHARS: usize = 280;
 
@@ -22,8 +22,8 @@ pub(super) async fn handle(
         SessionEvent::SessionStarted(e) => {
             sqlx::query(
                 "INSERT INTO sessions (session_id, workspace_id, feature_id, title, repository_url,
-                     base_branch, session_branch, status, started_by, started_at, last_activity_at, version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9, $10)",
+                     base_branch, session_branch, status, started_by, started_at, last_activity_at, version, created_xid, created_position)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $9, $10, $11, $12)",
             )
             .bind(session_id)
             .bind(&e.workspace_id)
@@ -35,6 +35,8 @@ pub(super) async fn handle(
             .bind(&e.started_by)
             .bind(at)
             .bind(event.sequence)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
             return Ok(());
@@ -70,8 +72,8 @@ pub(super) async fn handle(
             let preview: String = e.text.chars().take(PREVIEW_CHARS).collect();
             sqlx::query(
                 "INSERT INTO prompts (prompt_id, session_id, workspace_id, author_id, author_name,
-                     text_preview, text_length, status, submitted_sequence, submitted_at)
-                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'queued', $7, $8
+                     text_preview, text_length, status, submitted_sequence, submitted_at, created_xid, created_position)
+                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'queued', $7, $8, $9, $10
                    FROM sessions s WHERE s.session_id = $2",
             )
             .bind(e.prompt_id)
@@ -82,6 +84,8 @@ pub(super) async fn handle(
             .bind(i32::try_from(e.text.chars().count()).unwrap_or(i32::MAX))
             .bind(event.sequence)
             .bind(at)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
             sqlx::query(
@@ -143,8 +147,8 @@ pub(super) async fn handle(
         SessionEvent::PlanProposed(e) => {
             sqlx::query(
                 "INSERT INTO plans (plan_id, prompt_id, session_id, workspace_id, status, summary, steps,
-                     proposed_by, proposed_at)
-                 SELECT $1, $2, $3, s.workspace_id, 'pending', $4, $5, $6, $7
+                     proposed_by, proposed_at, created_xid, created_position)
+                 SELECT $1, $2, $3, s.workspace_id, 'pending', $4, $5, $6, $7, $8, $9
                    FROM sessions s WHERE s.session_id = $3",
             )
             .bind(e.plan_id)
@@ -154,6 +158,8 @@ pub(super) async fn handle(
             .bind(serde_json::to_value(&e.steps)?)
             .bind(&event.metadata.actor_id)
             .bind(at)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
         }
@@ -184,8 +190,8 @@ pub(super) async fn handle(
         SessionEvent::ToolApprovalRequested(e) => {
             sqlx::query(
                 "INSERT INTO tool_approvals (request_id, session_id, workspace_id, prompt_id, call_id, tool,
-                     input_summary, status, requested_at)
-                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'pending', $7
+                     input_summary, status, requested_at, created_xid, created_position)
+                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'pending', $7, $8, $9
                    FROM sessions s WHERE s.session_id = $2",
             )
             .bind(e.request_id)
@@ -195,6 +201,8 @@ pub(super) async fn handle(
             .bind(&e.tool)
             .bind(&e.input_summary)
             .bind(at)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
         }
@@ -226,8 +234,8 @@ pub(super) async fn handle(
             sqlx::query(
                 "INSERT INTO tool_executions (event_id, session_id, workspace_id, prompt_id, call_id, tool,
                      phase, status, duration_ms, input_summary, output_summary, approval_request_id,
-                     approval_status, executed_at, sequence)
-                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, $7, $8, $9, $10, a.request_id, a.status, $11, $12
+                     approval_status, executed_at, sequence, created_xid, created_position)
+                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, $7, $8, $9, $10, a.request_id, a.status, $11, $12, $13, $14
                    FROM sessions s
                    LEFT JOIN LATERAL (SELECT request_id, status FROM tool_approvals
                                        WHERE session_id = $2 AND call_id = $4
@@ -246,6 +254,8 @@ pub(super) async fn handle(
             .bind(&e.output_summary)
             .bind(at)
             .bind(event.sequence)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
             sqlx::query(
@@ -277,8 +287,8 @@ pub(super) async fn handle(
         SessionEvent::CheckpointTaken(e) => {
             sqlx::query(
                 "INSERT INTO checkpoints (checkpoint_id, session_id, workspace_id, prompt_id, label, commit_sha,
-                     files_changed, trigger, taken_at)
-                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, $7, $8
+                     files_changed, trigger, taken_at, created_xid, created_position)
+                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, $7, $8, $9, $10
                    FROM sessions s WHERE s.session_id = $2",
             )
             .bind(e.checkpoint_id)
@@ -292,6 +302,8 @@ pub(super) async fn handle(
                 CheckpointTrigger::Manual => "manual",
             })
             .bind(at)
+            .bind(xid(event))
+            .bind(event.position)
             .execute(&mut *conn)
             .await?;
             sqlx::query(

@@ -5,7 +5,7 @@ use canopy_domain::session::ToolStatus;
 use canopy_relay::Envelope;
 use sqlx::PgConnection;
 
-use super::{ProjectionError, decode, uuid};
+use super::{ProjectionError, decode, uuid, xid};
 
 pub(super) async fn handle(
     conn: &mut PgConnection,
@@ -20,10 +20,10 @@ pub(super) async fn handle(
     let summary = summary(&decoded, &event.metadata.actor_name);
     let inserted = sqlx::query(
         "INSERT INTO session_timeline (event_id, session_id, workspace_id, sequence, event_type, actor_id,
-             actor_name, recorded_at, summary, data)
+             actor_name, recorded_at, summary, data, created_xid, created_position)
          SELECT $1, $2, COALESCE($3, (SELECT workspace_id FROM session_timeline
                                        WHERE session_id = $2 AND sequence = 1)),
-                $4, $5, $6, $7, $8, $9, $10
+                $4, $5, $6, $7, $8, $9, $10, $11, $12
           WHERE $3 IS NOT NULL OR EXISTS (SELECT 1 FROM session_timeline WHERE session_id = $2 AND sequence = 1)",
     )
     .bind(event.id)
@@ -36,6 +36,8 @@ pub(super) async fn handle(
     .bind(event.recorded_at)
     .bind(summary)
     .bind(&event.data)
+    .bind(xid(event))
+    .bind(event.position)
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 0 {
