@@ -1,4 +1,283 @@
-//! Canopy query-api: read models, analytics and live subscriptions over HTTP.
+//! query-api: what frontends list and show, and what analysts query.
 //!
-//! Not built yet: this crate is a placeholder in the workspace layout; the issue that builds it
-//! replaces this file with the service's `build(config) -> App`.
+//! Serves the read models the projectors maintain in schema `read`: get by id, lists with
+//! filters and keyset pagination that returns every row once while rows are added ([`query`]),
+//! analytics, and read-your-writes (`consistent_with=<aggregate_id>:<version>` waits a bounded
+//! time for the projection, else 409). Same JWT and role table as command-api: every role that
+//! reads may read; another workspace's rows are 404. Errors are problem+json with stable codes.
+//!
+//! `build(config)` binds (port 0 in tests) and `App::run_until(shutdown)` serves until shutdown.
+
+mod auth;
+pub mod error;
+mod query;
+mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use canopy_auth::{AuthConfig, Verifier};
+use canopy_event_store::{DbConfig, PgPool};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use error::ApiError;
+
+/// query-api's configuration (flags or `CANOPY_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long = "listen",
+        env = "CANOPY_QUERY_API_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub listen: SocketAddr,
+    /// Postgres URL (falls back to DATABASE_URL).
+    #[arg(long, env = "CANOPY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HS256 secret for bearer tokens.
+    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
+    pub jwt_secret: String,
+    /// PEM file with an RS256 public key; RS256 tokens are accepted when set.
+    #[arg(long, env = "CANOPY_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<std::path::PathBuf>,
+    /// How long a read waits for `consistent_with` before answering 409, in milliseconds.
+    #[arg(long, env = "CANOPY_CONSISTENCY_TIMEOUT_MS", default_value_t = 2000)]
+    pub consistency_timeout_ms: u64,
+    /// Origins allowed by CORS (comma-separated; none by default).
+    #[arg(long, env = "CANOPY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Database connections.
+    #[arg(long, env = "CANOPY_QUERY_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+}
+
+impl Config {
+    /// Defaults for tests and embedding: the given database, port 0.
+    pub fn for_database(database_url: impl Into<String>) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        let mut config = Defaults::parse_from(["query-api"]).config;
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database_url = Some(database_url.into());
+        config
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) pool: PgPool,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) consistency_timeout: Duration,
+    pub(crate) metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// A bound, ready-to-serve query-api.
+#[derive(Debug)]
+pub struct App {
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+/// Connects to the database (applying migrations) and binds the listener.
+pub async fn build(config: Config) -> anyhow::Result<App> {
+    let url = config
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|url| !url.is_empty())
+        .context("no database: set CANOPY_DATABASE_URL (or DATABASE_URL)")?;
+    let mut db = DbConfig::new(url);
+    db.max_connections = config.db_max_connections;
+    db.application_name = "canopy-query-api".to_owned();
+    let pool = canopy_event_store::connect(&db)
+        .await
+        .context("connect to the database")?;
+    canopy_event_store::migrate(&pool)
+        .await
+        .context("apply migrations")?;
+    let rs256_public_key_pem = match &config.jwt_rs256_public_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read the RS256 public key {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let verifier = Verifier::new(&AuthConfig {
+        hs256_secret: config.jwt_secret.clone(),
+        rs256_public_key_pem,
+        leeway_secs: 30,
+    })
+    .context("configure token verification")?;
+    let state = AppState {
+        pool,
+        verifier: Arc::new(verifier),
+        consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
+        metrics: metrics_handle(),
+    };
+    let router = router(state, &config.cors_origins)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    Ok(App { listener, router })
+}
+
+impl App {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serve HTTP")
+    }
+}
+
+/// The OpenAPI document of query-api.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Canopy query-api", description = "Read models, analytics and read-your-writes. Errors are RFC 9457 problem+json with a stable `code`."),
+    components(schemas(error::Problem, error::FieldError)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "Sessions and what happened in them"),
+        (name = "features", description = "Features and their shared context"),
+        (name = "analytics", description = "Aggregates over the read models"),
+        (name = "ops", description = "Health, readiness and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut bearer = Http::new(HttpAuthScheme::Bearer);
+        bearer.bearer_format = Some("JWT".to_owned());
+        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    use routes::{analytics, ops, read};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(read::list_sessions))
+        .routes(routes!(read::get_session))
+        .routes(routes!(read::session_timeline))
+        .routes(routes!(read::list_prompts))
+        .routes(routes!(read::get_prompt))
+        .routes(routes!(read::list_plans))
+        .routes(routes!(read::get_plan))
+        .routes(routes!(read::list_tool_executions))
+        .routes(routes!(read::list_tool_approvals))
+        .routes(routes!(read::list_checkpoints))
+        .routes(routes!(read::list_features))
+        .routes(routes!(read::get_feature))
+        .routes(routes!(analytics::tools))
+        .routes(routes!(analytics::plan_latency))
+        .routes(routes!(analytics::prompts_per_user_per_day))
+        .routes(routes!(analytics::agent_time))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+}
+
+/// The OpenAPI document as the code defines it (checked in as `openapi/query-api.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
+    let (api, openapi) = api_router().split_for_parts();
+    let origins = cors_origins
+        .iter()
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| HeaderValue::from_str(o.trim()).with_context(|| format!("CORS origin {o}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET])
+        .allow_headers([axum::http::header::AUTHORIZATION]);
+    let request_id = HeaderName::from_static("x-request-id");
+    Ok(api
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { axum::Json(openapi) }),
+        )
+        .merge(SwaggerUi::new("/docs"))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .layer(axum::middleware::from_fn(observe))
+        .layer(TraceLayer::new_for_http())
+        .layer(cors)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
+}
+
+async fn observe(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = error::REQUEST_ID.scope(request_id, next.run(request)).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("canopy_query_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("canopy_query_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => handle,
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        })
+        .clone()
+}

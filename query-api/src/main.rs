@@ -1,9 +1,31 @@
-//! The canopy-query-api binary. Not built yet: it exits with status 2 and says so.
+//! The canopy-query-api binary: parse config, start logging, serve until SIGTERM or Ctrl+C.
 
-fn main() -> std::process::ExitCode {
-    #[allow(clippy::print_stderr)]
-    {
-        eprintln!("canopy-query-api is not built yet");
-    }
-    std::process::ExitCode::from(2)
+use clap::Parser;
+
+/// Canopy query-api.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: canopy_query_api::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let app = canopy_query_api::build(Cli::parse().config).await?;
+    tracing::info!(addr = %app.local_addr(), "query-api listening");
+    app.run_until(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await
 }

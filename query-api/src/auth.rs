@@ -1,0 +1,45 @@
+//! Who is reading: the bearer JWT of command-api's scheme, and the role table's read column.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// An authenticated person allowed to read, and their workspace.
+#[derive(Debug, Clone)]
+pub(crate) struct Reader {
+    pub workspace_id: String,
+}
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(reader) = parts.extensions.get::<Reader>() {
+            return Ok(reader.clone());
+        }
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or(ApiError::Unauthorized)?;
+        let claims = state
+            .verifier
+            .verify(token.trim())
+            .map_err(|_| ApiError::Unauthorized)?;
+        // Viewers, auditors, members, admins and owners read; the runner service does not.
+        if !claims.role.can_read() {
+            return Err(ApiError::Forbidden);
+        }
+        let workspace_id = claims.workspace_id.clone().ok_or(ApiError::Forbidden)?;
+        let reader = Reader { workspace_id };
+        parts.extensions.insert(reader.clone());
+        Ok(reader)
+    }
+}

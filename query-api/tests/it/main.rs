@@ -1,0 +1,9 @@
+//! query-api over HTTP on the whole pipeline (command-api → store → relay → JetStream →
+//! projectors → read models): endpoints, filters, roles, pagination under concurrent inserts,
+//! read-your-writes, and the analysts' SQL.
+
+mod analysts;
+mod endpoints;
+mod openapi;
+mod pagination;
+mod support;
