@@ -15,6 +15,8 @@ if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
 fi
 command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 if [ -z "${CANOPY_OPENCODE_BIN:-}" ]; then command -v npm >/dev/null 2>&1 || need_apt+=(npm); fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,0 +1,246 @@
+//! The on-disk layout of a sandbox and the bubblewrap command line that builds its view.
+//!
+//! The view: `/usr` (and the merged-usr links), a synthetic `/etc`, the OpenCode binary, the
+//! workspace, a home, `/run/canopy` (where the sandbox creates `opencode.sock`), a read-only
+//! `/run/canopy-host` (the model proxy's socket), a size-capped `/tmp`, its own `/proc` and
+//! `/dev`. Never `/`, never the host's `/proc`, home or other sandboxes. `--remount-ro /` comes
+//! last, or the root tmpfs stays writable. Every namespace is unshared, the network included,
+//! and nested user namespaces are disabled. Nothing secret is ever an argument: the whole argv
+//! is readable at `/proc/1/cmdline` inside.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::limits::{Cgroup, Limits};
+
+/// Where a sandbox's directories are on the host, under the provider's root.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub(crate) dir: PathBuf,
+    /// Owned by the sandbox uid, mode 0700: `/workspace`.
+    pub(crate) workspace: PathBuf,
+    /// Owned by the sandbox uid, mode 0700: `/home/sandbox` (OpenCode's database lives here).
+    pub(crate) home: PathBuf,
+    /// Owned by the sandbox uid, mode 0750: `/run/canopy`.
+    pub(crate) run: PathBuf,
+    /// Root's, mode 0755, read-only inside: `/run/canopy-host`.
+    pub(crate) host: PathBuf,
+    /// Root's, mode 0700, not in the sandbox: the runner's end of the OpenCode bridge.
+    pub(crate) control: PathBuf,
+    /// Root's, read-only inside: the synthetic `/etc` files and the tool shell.
+    pub(crate) etc: PathBuf,
+}
+
+pub(crate) const SANDBOX_WORKSPACE: &str = "/workspace";
+const SANDBOX_HOME: &str = "/home/sandbox";
+pub(crate) const OPENCODE_SOCKET: &str = "opencode.sock";
+pub(crate) const MODEL_SOCKET: &str = "model.sock";
+/// OpenCode's port inside the sandbox's own network namespace.
+const OPENCODE_PORT: u16 = 4096;
+/// The in-sandbox end of the model bridge.
+pub(crate) const MODEL_PORT: u16 = 8080;
+const TOOL_SHELL: &str = "/opt/canopy/bin/bash";
+/// A command gets SIGXCPU at its CPU budget and SIGKILL this much later (a soft limit equal to
+/// the hard one would mean SIGKILL at once, indistinguishable from the OOM killer).
+const CPU_GRACE_SECONDS: u64 = 5;
+
+impl Layout {
+    pub(crate) fn new(root: &Path, id: &str) -> Self {
+        let dir = root.join(id);
+        Self {
+            workspace: dir.join("workspace"),
+            home: dir.join("home"),
+            run: dir.join("run"),
+            host: dir.join("host"),
+            control: dir.join("control"),
+            etc: dir.join("etc"),
+            dir,
+        }
+    }
+
+    /// The synthetic files bound into the sandbox, by name under [`Layout::etc`].
+    pub(crate) fn etc_files(
+        uid: u32,
+        limits: &Limits,
+        memory_cgroup: bool,
+    ) -> Vec<(&'static str, String)> {
+        let address_space = if memory_cgroup {
+            String::new()
+        } else {
+            format!("ulimit -v {}\n", limits.command_address_space_bytes / 1024)
+        };
+        vec![
+            (
+                "passwd",
+                format!(
+                    "sandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+                ),
+            ),
+            ("group", format!("sandbox:x:{uid}:\nnogroup:x:65534:\n")),
+            (
+                "nsswitch.conf",
+                "passwd: files\ngroup: files\nhosts: files\n".to_owned(),
+            ),
+            ("hosts", "127.0.0.1 localhost\n::1 localhost\n".to_owned()),
+            // The shell OpenCode's bash tool runs commands with: each command gets its own CPU
+            // budget, which the long-lived server must not share.
+            (
+                "tool-shell",
+                format!(
+                    "#!/bin/bash\nulimit -H -t {}\nulimit -S -t {}\n{address_space}exec /bin/bash \"$@\"\n",
+                    limits.command_cpu_seconds + CPU_GRACE_SECONDS,
+                    limits.command_cpu_seconds
+                ),
+            ),
+        ]
+    }
+}
+
+/// What runs inside the bwrap.
+#[derive(Debug)]
+pub(crate) enum Inner<'a> {
+    /// The two socat bridges and `opencode serve`.
+    OpenCode { config_json: &'a str },
+    /// `/bin/bash -c script`.
+    Script(&'a str),
+}
+
+/// The full command: join the cgroup, set rlimits, drop to the uid, bwrap. Run with an empty
+/// environment (bwrap's init keeps the env it was started with, visible at `/proc/1/environ`).
+pub(crate) fn command_line(
+    layout: &Layout,
+    uid: u32,
+    opencode_binary: &Path,
+    limits: &Limits,
+    cgroup: Option<&Cgroup>,
+    inner: &Inner<'_>,
+) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
+    // Joining the cgroup first makes every later process, bwrap's included, a member.
+    push(&[
+        "/bin/sh",
+        "-c",
+        "while [ \"$1\" != -- ]; do echo $$ > \"$1\" || exit 97; shift; done; shift; exec /usr/bin/env -i \"$@\"",
+        "sh",
+    ]);
+    for file in cgroup.map(Cgroup::procs_files).unwrap_or_default() {
+        argv.push(file.into_os_string());
+    }
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
+    push(&["--", "/usr/bin/prlimit"]);
+    let rlimits = [
+        format!("--nproc={}", limits.nproc),
+        format!("--fsize={}", limits.file_size_bytes),
+        format!("--cpu={}", limits.process_cpu_seconds),
+        "--core=0".to_owned(),
+    ];
+    argv.extend(rlimits.iter().map(OsString::from));
+    let ids = [format!("--reuid={uid}"), format!("--regid={uid}")];
+    argv.push("--".into());
+    argv.push("/usr/bin/setpriv".into());
+    argv.extend(ids.iter().map(OsString::from));
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
+    push(&[
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        "/usr/bin/bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/sbin",
+        "/sbin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--dir",
+        "/etc",
+        "--ro-bind-try",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.cache",
+        "--ro-bind-try",
+        "/etc/alternatives",
+        "/etc/alternatives",
+        "--ro-bind-try",
+        "/etc/localtime",
+        "/etc/localtime",
+    ]);
+    let mut bind = |flag: &str, from: &Path, to: &str| {
+        argv.push(flag.into());
+        argv.push(from.as_os_str().to_owned());
+        argv.push(to.into());
+    };
+    for name in ["passwd", "group", "nsswitch.conf", "hosts"] {
+        bind("--ro-bind", &layout.etc.join(name), &format!("/etc/{name}"));
+    }
+    bind("--ro-bind", &layout.etc.join("tool-shell"), TOOL_SHELL);
+    bind("--ro-bind", opencode_binary, "/opt/opencode/bin/opencode");
+    bind("--bind", &layout.workspace, SANDBOX_WORKSPACE);
+    bind("--bind", &layout.home, SANDBOX_HOME);
+    bind("--bind", &layout.run, "/run/canopy");
+    bind("--ro-bind", &layout.host, "/run/canopy-host");
+    let tmp = limits.tmp_bytes.to_string();
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
+    push(&[
+        "--size", &tmp, "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
+    ]);
+    push(&[
+        "--remount-ro",
+        "/",
+        "--chdir",
+        SANDBOX_WORKSPACE,
+        "--clearenv",
+    ]);
+    let env = [
+        ("PATH", "/opt/opencode/bin:/usr/local/bin:/usr/bin:/bin"),
+        ("HOME", SANDBOX_HOME),
+        ("USER", "sandbox"),
+        ("LANG", "C.UTF-8"),
+        ("TMPDIR", "/tmp"),
+        ("SHELL", TOOL_SHELL),
+        ("XDG_CONFIG_HOME", "/home/sandbox/.config"),
+        ("XDG_DATA_HOME", "/home/sandbox/.local/share"),
+        ("XDG_CACHE_HOME", "/home/sandbox/.cache"),
+        ("XDG_STATE_HOME", "/home/sandbox/.local/state"),
+        ("OPENCODE_DISABLE_MODELS_FETCH", "1"),
+        ("OPENCODE_DISABLE_AUTOUPDATE", "1"),
+        ("npm_config_offline", "true"),
+        ("GIT_AUTHOR_NAME", "sandbox"),
+        ("GIT_AUTHOR_EMAIL", "sandbox@localhost"),
+        ("GIT_COMMITTER_NAME", "sandbox"),
+        ("GIT_COMMITTER_EMAIL", "sandbox@localhost"),
+    ];
+    for (key, value) in env {
+        push(&["--setenv", key, value]);
+    }
+    match inner {
+        Inner::OpenCode { config_json } => {
+            let script = format!(
+                "socat UNIX-LISTEN:/run/canopy/{OPENCODE_SOCKET},fork,unlink-early,mode=0600 TCP:127.0.0.1:{OPENCODE_PORT} &\n\
+                 socat TCP-LISTEN:{MODEL_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:/run/canopy-host/{MODEL_SOCKET} &\n\
+                 exec opencode serve --hostname 127.0.0.1 --port {OPENCODE_PORT}\n"
+            );
+            push(&["--setenv", "OPENCODE_CONFIG_CONTENT", config_json]);
+            push(&["--", "/bin/sh", "-c", &script]);
+        }
+        Inner::Script(script) => push(&["--", "/bin/bash", "-c", script]),
+    }
+    argv
+}

@@ -1,0 +1,47 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid sandbox id {id:?}: use 1 to 64 of [A-Za-z0-9_-]")]
+    InvalidId { id: String },
+    #[error("invalid branch name {branch:?}")]
+    InvalidBranch { branch: String },
+    #[error("no sandbox {id}")]
+    NotFound { id: String },
+    #[error("sandbox {id} is not running")]
+    NotRunning { id: String },
+    #[error("every sandbox uid in {first}..{end} is taken")]
+    NoFreeUid { first: u32, end: u32 },
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("the sandbox exited during startup ({status}); its last output:\n{output}")]
+    ExitedEarly { status: String, output: String },
+    #[error("opencode in the sandbox was not healthy after {after:?}; last output:\n{output}")]
+    StartupTimeout { after: Duration, output: String },
+    #[error("refused to connect to {path}: {reason}")]
+    UnsafeSocket { path: PathBuf, reason: String },
+    #[error("connecting to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opencode client: {0}")]
+    OpenCode(#[from] canopy_opencode::Error),
+}

@@ -1,0 +1,37 @@
+//! Sandboxes for the agent: where OpenCode runs the code a prompt asks for.
+//!
+//! - [`SandboxProvider`] is the port (start, exec, stop, status, remove) the agent runner holds
+//!   as `Arc<dyn SandboxProvider>`; [`BubblewrapProvider`] is the local implementation.
+//! - A bubblewrap sandbox per session, each with its own uid ([`BubblewrapConfig::uids`]): the
+//!   workspace (a clone of the session's repository on its own branch), a home and a
+//!   size-capped `/tmp` are the only writable places; the rest is a minimal read-only view.
+//!   Every namespace is private, the network included.
+//! - The runner reaches OpenCode through a unix socket (a [`SocketBridge`] that refuses
+//!   anything but the sandbox's own socket); OpenCode reaches its model only through the
+//!   host-side [`ModelProxy`], which adds the API key the sandbox never sees.
+//! - [`Limits`]: memory and processes per sandbox by cgroup ([`CgroupSupport`]), CPU time and
+//!   file size by rlimit, a wall-time cap.
+//! - [`SandboxManager`]: start on the first prompt, stop when idle, resume, remove on archive.
+
+mod bwrap;
+mod error;
+mod lifecycle;
+mod limits;
+mod local;
+mod model_proxy;
+mod provider;
+mod socket;
+mod spawn;
+mod uid;
+
+pub use error::Error;
+pub use lifecycle::{ActiveSandbox, LifecycleEvent, SandboxManager, StopReason};
+pub use limits::{CgroupSupport, Limits};
+pub use local::{
+    BubblewrapConfig, BubblewrapProvider, SANDBOX_API_KEY_PLACEHOLDER, SANDBOX_MODEL_BASE_URL,
+};
+pub use model_proxy::{ModelProxy, ModelUpstream};
+pub use provider::{
+    ExecOutput, ExecRequest, SandboxInfo, SandboxProvider, SandboxSpec, SandboxStatus,
+};
+pub use socket::{BridgeStats, SocketBridge, connect_sandbox_socket};

@@ -1,0 +1,755 @@
+//! The local provider: one bubblewrap sandbox per session on this host.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::ops::Range;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use canopy_opencode::{
+    ClientConfig, OpenCodeClient, OpenCodeConfig, PermissionAction, ProviderConfig,
+};
+use futures::future::BoxFuture;
+use rustix::process::{Pid, Signal};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::bwrap::{self, Inner, Layout};
+use crate::limits::{Cgroup, CgroupSupport, Limits};
+use crate::model_proxy::{ModelProxy, ModelUpstream};
+use crate::provider::{
+    ExecOutput, ExecRequest, SandboxInfo, SandboxProvider, SandboxSpec, SandboxStatus,
+};
+use crate::socket::{BridgeStats, SocketBridge, connect_sandbox_socket};
+use crate::uid::UidLease;
+
+/// How the local provider runs sandboxes.
+#[derive(Debug, Clone)]
+pub struct BubblewrapConfig {
+    /// Where sandboxes live (`<root>/<id>/{workspace,home,run,host,control,etc}`). It and every
+    /// parent must be root's and not writable by the sandbox uids.
+    pub root: PathBuf,
+    /// The uids handed to sandboxes, one each.
+    pub uids: Range<u32>,
+    /// Where uid leases are locked; shared by every provider on the host.
+    pub uid_lock_dir: PathBuf,
+    /// The model the host-side proxy forwards to, and its key.
+    pub model: ModelUpstream,
+    pub limits: Limits,
+    /// `None`: `canopy_opencode::opencode_binary()`.
+    pub opencode_binary: Option<PathBuf>,
+    pub startup_timeout: Duration,
+    /// From SIGTERM to OpenCode until the sandbox is killed.
+    pub stop_timeout: Duration,
+}
+
+impl BubblewrapConfig {
+    pub fn new(root: impl Into<PathBuf>, model: ModelUpstream) -> Self {
+        Self {
+            root: root.into(),
+            uids: 620_000..621_000,
+            uid_lock_dir: PathBuf::from("/run/canopy-sandbox/uids"),
+            model,
+            limits: Limits::default(),
+            opencode_binary: None,
+            startup_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The model base URL OpenCode is configured with inside every sandbox.
+pub const SANDBOX_MODEL_BASE_URL: &str = "http://127.0.0.1:8080/v1";
+/// The API key OpenCode is configured with inside: a placeholder, the proxy adds the real one.
+pub const SANDBOX_API_KEY_PLACEHOLDER: &str = "sandbox-has-no-key";
+
+/// Sandboxes on this host with bubblewrap. Needs root, `bwrap`, `setpriv`, `prlimit`, `socat`.
+#[derive(Debug)]
+pub struct BubblewrapProvider {
+    config: BubblewrapConfig,
+    cgroups: CgroupSupport,
+    opencode_binary: PathBuf,
+    sandboxes: tokio::sync::Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    lease: UidLease,
+    layout: Layout,
+    cgroup: Option<Cgroup>,
+    running: Option<Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    pid: u32,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    output: Output,
+    bridge: SocketBridge,
+    _proxy: ModelProxy,
+    info: SandboxInfo,
+    wall_timer: tokio::task::JoinHandle<()>,
+}
+
+impl BubblewrapProvider {
+    /// Checks the root, stages the OpenCode binary where sandbox uids can read it, and detects
+    /// cgroup support.
+    pub fn new(config: BubblewrapConfig) -> Result<Self, Error> {
+        let prepare = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Prepare { path, source }
+        };
+        std::fs::create_dir_all(&config.root).map_err(prepare(&config.root))?;
+        std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
+            .map_err(prepare(&config.root))?;
+        let source = match &config.opencode_binary {
+            Some(binary) => binary.clone(),
+            None => canopy_opencode::opencode_binary()?,
+        };
+        let opencode_binary = stage_binary(&source, &config.root.join(".opencode"))?;
+        let cgroups = CgroupSupport::detect();
+        cgroups.sweep(|uid| UidLease::acquire(&config.uid_lock_dir, &(uid..uid + 1), None).ok());
+        if let CgroupSupport::Unavailable { reason } = &cgroups {
+            tracing::warn!(%reason, "sandboxes get no memory or pids cgroup; only rlimits hold");
+        }
+        Ok(Self {
+            config,
+            cgroups,
+            opencode_binary,
+            sandboxes: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn cgroups(&self) -> &CgroupSupport {
+        &self.cgroups
+    }
+
+    pub fn config(&self) -> &BubblewrapConfig {
+        &self.config
+    }
+
+    /// Creates the sandbox's directories and workspace without starting anything.
+    pub async fn prepare(&self, spec: &SandboxSpec) -> Result<u32, Error> {
+        let mut sandboxes = self.sandboxes.lock().await;
+        Ok(self.entry(&mut sandboxes, spec)?.lease.uid())
+    }
+
+    /// Connects to OpenCode's socket in the sandbox, refusing anything but the sandbox's own
+    /// socket (see [`connect_sandbox_socket`]).
+    pub async fn connect_opencode(&self, id: &str) -> Result<tokio::net::UnixStream, Error> {
+        let (run, uid) = {
+            let sandboxes = self.sandboxes.lock().await;
+            let entry = sandboxes
+                .get(id)
+                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+            (entry.layout.run.clone(), entry.lease.uid())
+        };
+        connect_sandbox_socket(&run, bwrap::OPENCODE_SOCKET, uid).await
+    }
+
+    /// What the runner-side bridge of a running sandbox refused.
+    pub async fn bridge_stats(&self, id: &str) -> Result<Arc<BridgeStats>, Error> {
+        let sandboxes = self.sandboxes.lock().await;
+        let running = sandboxes
+            .get(id)
+            .and_then(|entry| entry.running.as_ref())
+            .ok_or_else(|| Error::NotRunning { id: id.to_owned() })?;
+        Ok(running.bridge.stats().clone())
+    }
+
+    /// Processes the memory cgroup killed in this sandbox (0 without cgroups).
+    pub async fn oom_kills(&self, id: &str) -> u64 {
+        let sandboxes = self.sandboxes.lock().await;
+        sandboxes
+            .get(id)
+            .and_then(|entry| entry.cgroup.as_ref())
+            .map(Cgroup::oom_kills)
+            .unwrap_or(0)
+    }
+
+    fn entry<'a>(
+        &self,
+        sandboxes: &'a mut HashMap<String, Entry>,
+        spec: &SandboxSpec,
+    ) -> Result<&'a mut Entry, Error> {
+        validate_id(&spec.id)?;
+        if !sandboxes.contains_key(&spec.id) {
+            let layout = Layout::new(&self.config.root, &spec.id);
+            let previous_owner = std::fs::metadata(&layout.workspace)
+                .ok()
+                .map(|meta| meta.uid());
+            let lease =
+                UidLease::acquire(&self.config.uid_lock_dir, &self.config.uids, previous_owner)?;
+            prepare_layout(
+                &layout,
+                spec,
+                lease.uid(),
+                &self.config.limits,
+                self.cgroups.is_available(),
+            )?;
+            sandboxes.insert(
+                spec.id.clone(),
+                Entry {
+                    lease,
+                    layout,
+                    cgroup: None,
+                    running: None,
+                },
+            );
+        }
+        sandboxes.get_mut(&spec.id).ok_or_else(|| Error::NotFound {
+            id: spec.id.clone(),
+        })
+    }
+
+    /// The sandbox's cgroup, (re)created before every spawn: stopping removes it, and so may
+    /// another provider's sweep while the uid is not leased.
+    fn ensure_cgroup(&self, entry: &mut Entry) -> Result<(), Error> {
+        let name = format!("uid-{}", entry.lease.uid());
+        entry.cgroup = self
+            .cgroups
+            .create(&name, &self.config.limits)
+            .map_err(|source| Error::Prepare {
+                path: PathBuf::from("/sys/fs/cgroup"),
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn spawn(
+        &self,
+        entry: &Entry,
+        inner: &Inner<'_>,
+        stdout: Stdio,
+    ) -> Result<std::process::Child, Error> {
+        let argv = bwrap::command_line(
+            &entry.layout,
+            entry.lease.uid(),
+            &self.opencode_binary,
+            &self.config.limits,
+            entry.cgroup.as_ref(),
+            inner,
+        );
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped());
+        crate::spawn::spawn(command).map_err(|source| Error::Spawn {
+            program: "bwrap (through sh, prlimit and setpriv)".to_owned(),
+            source,
+        })
+    }
+
+    async fn start_sandbox(&self, spec: SandboxSpec) -> Result<SandboxInfo, Error> {
+        let began = Instant::now();
+        let mut sandboxes = self.sandboxes.lock().await;
+        let entry = self.entry(&mut sandboxes, &spec)?;
+        if let Some(running) = &entry.running {
+            if running.exit.borrow().is_none() {
+                return Ok(running.info.clone());
+            }
+            entry.running = None;
+        }
+        self.ensure_cgroup(entry)?;
+        let uid = entry.lease.uid();
+        let layout = entry.layout.clone();
+        crate::socket::remove_stale(&layout.run.join(bwrap::OPENCODE_SOCKET))?;
+        let proxy = ModelProxy::start(
+            &layout.host.join(bwrap::MODEL_SOCKET),
+            uid,
+            self.config.model.clone(),
+        )?;
+        let config = OpenCodeConfig::new(ProviderConfig {
+            provider_id: spec.provider_id.clone(),
+            base_url: SANDBOX_MODEL_BASE_URL.to_owned(),
+            api_key: SANDBOX_API_KEY_PLACEHOLDER.to_owned(),
+            model_id: spec.model_id.clone(),
+        })
+        .permission("bash", PermissionAction::Allow)
+        .permission("edit", PermissionAction::Allow)
+        // The sandbox is the boundary; without this, commands naming outside paths block.
+        .permission("external_directory", PermissionAction::Allow)
+        .to_json()
+        .to_string();
+        let mut child = self.spawn(
+            entry,
+            &Inner::OpenCode {
+                config_json: &config,
+            },
+            Stdio::piped(),
+        )?;
+        let pid = child.id();
+        let output = Output::default();
+        if let Some(stdout) = child.stdout.take() {
+            output.follow(stdout);
+        }
+        if let Some(stderr) = child.stderr.take() {
+            output.follow(stderr);
+        }
+        let (exit_tx, exit) = watch::channel(None);
+        std::thread::Builder::new()
+            .name(format!("sandbox-{pid}-wait"))
+            .spawn(move || {
+                let status = child.wait().ok();
+                let _ = exit_tx.send(status);
+            })
+            .map_err(|source| Error::Spawn {
+                program: "a thread to wait for the sandbox".to_owned(),
+                source,
+            })?;
+        let control = layout.control.join(bwrap::OPENCODE_SOCKET);
+        let bridge = SocketBridge::start(&control, &layout.run, bwrap::OPENCODE_SOCKET, uid)?;
+        let wall = self.config.limits.max_wall_time;
+        let wall_timer = tokio::spawn(async move {
+            tokio::time::sleep(wall).await;
+            tracing::warn!(pid, "sandbox reached its wall-time limit; killing it");
+            kill(pid, Signal::KILL);
+        });
+        let info = SandboxInfo {
+            id: spec.id.clone(),
+            uid,
+            opencode_socket: control.clone(),
+            opencode_directory: PathBuf::from(bwrap::SANDBOX_WORKSPACE),
+            workspace: layout.workspace.clone(),
+            startup: Duration::ZERO,
+        };
+        let mut running = Running {
+            pid,
+            exit,
+            output,
+            bridge,
+            _proxy: proxy,
+            info,
+            wall_timer,
+        };
+        if let Err(error) = wait_healthy(
+            &running,
+            began + self.config.startup_timeout,
+            self.config.startup_timeout,
+        )
+        .await
+        {
+            kill(pid, Signal::KILL);
+            running.wall_timer.abort();
+            return Err(error);
+        }
+        running.info.startup = began.elapsed();
+        tracing::info!(id = %spec.id, uid, startup = ?running.info.startup, "sandbox started");
+        let info = running.info.clone();
+        entry.running = Some(running);
+        Ok(info)
+    }
+
+    async fn exec_in(&self, id: &str, request: ExecRequest) -> Result<ExecOutput, Error> {
+        let child = {
+            let mut sandboxes = self.sandboxes.lock().await;
+            let entry = sandboxes
+                .get_mut(id)
+                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+            self.ensure_cgroup(entry)?;
+            self.spawn(entry, &Inner::Script(&request.script), Stdio::piped())?
+        };
+        let pid = child.id();
+        let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+        let (output, timed_out) = match tokio::time::timeout(request.timeout, waiting).await {
+            Ok(output) => (output, false),
+            Err(waiting) => {
+                let _ = waiting;
+                kill(pid, Signal::KILL);
+                return Ok(ExecOutput {
+                    code: None,
+                    timed_out: true,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                });
+            }
+        };
+        let output = output
+            .map_err(|error| Error::Command {
+                what: "waiting for exec".to_owned(),
+                detail: error.to_string(),
+            })?
+            .map_err(|source| Error::Spawn {
+                program: "exec".to_owned(),
+                source,
+            })?;
+        Ok(ExecOutput {
+            code: output.status.code(),
+            timed_out,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    async fn stop_sandbox(&self, id: &str) -> Result<(), Error> {
+        let (running, cgroup) = {
+            let mut sandboxes = self.sandboxes.lock().await;
+            let entry = sandboxes
+                .get_mut(id)
+                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+            (entry.running.take(), entry.cgroup.clone())
+        };
+        let Some(running) = running else {
+            return Ok(());
+        };
+        running.wall_timer.abort();
+        let mut exit = running.exit.clone();
+        if exit.borrow().is_none() {
+            // bwrap does not forward signals: a graceful stop is SIGTERM to OpenCode itself.
+            match find_descendant(running.pid, "opencode") {
+                Some(opencode) => kill(opencode, Signal::TERM),
+                None => kill(running.pid, Signal::KILL),
+            }
+            let stopped =
+                tokio::time::timeout(self.config.stop_timeout, exit.wait_for(Option::is_some))
+                    .await
+                    .is_ok();
+            if !stopped {
+                tracing::warn!(id, "sandbox ignored SIGTERM; killing it");
+                kill(running.pid, Signal::KILL);
+                let _ =
+                    tokio::time::timeout(self.config.stop_timeout, exit.wait_for(Option::is_some))
+                        .await;
+            }
+        }
+        if let Some(cgroup) = cgroup {
+            cgroup.remove().await;
+        }
+        tracing::info!(id, "sandbox stopped");
+        Ok(())
+    }
+
+    async fn status_of(&self, id: &str) -> Result<SandboxStatus, Error> {
+        validate_id(id)?;
+        let sandboxes = self.sandboxes.lock().await;
+        let Some(entry) = sandboxes.get(id) else {
+            let exists = Layout::new(&self.config.root, id).workspace.exists();
+            return Ok(if exists {
+                SandboxStatus::Stopped
+            } else {
+                SandboxStatus::Absent
+            });
+        };
+        Ok(match &entry.running {
+            None => SandboxStatus::Stopped,
+            Some(running) => match *running.exit.borrow() {
+                None => SandboxStatus::Running { pid: running.pid },
+                Some(status) => SandboxStatus::Exited {
+                    status: format!("{status}; last output:\n{}", running.output.tail()),
+                },
+            },
+        })
+    }
+
+    async fn remove_sandbox(&self, id: &str) -> Result<(), Error> {
+        validate_id(id)?;
+        if self.sandboxes.lock().await.contains_key(id) {
+            self.stop_sandbox(id).await?;
+        }
+        let entry = self.sandboxes.lock().await.remove(id);
+        if let Some(cgroup) = entry.as_ref().and_then(|entry| entry.cgroup.as_ref()) {
+            cgroup.remove().await;
+        }
+        let dir = Layout::new(&self.config.root, id).dir;
+        match std::fs::remove_dir_all(&dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(Error::Prepare {
+                path: dir,
+                source: error,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl SandboxProvider for BubblewrapProvider {
+    fn start(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<SandboxInfo, Error>> {
+        Box::pin(self.start_sandbox(spec))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecOutput, Error>> {
+        Box::pin(self.exec_in(id, request))
+    }
+
+    fn stop<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.stop_sandbox(id))
+    }
+
+    fn status<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<SandboxStatus, Error>> {
+        Box::pin(self.status_of(id))
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.remove_sandbox(id))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.wall_timer.abort();
+        if self.exit.borrow().is_none() {
+            kill(self.pid, Signal::KILL);
+        }
+    }
+}
+
+async fn wait_healthy(
+    running: &Running,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let client = OpenCodeClient::new(ClientConfig::unix_socket(&running.info.opencode_socket))?;
+    loop {
+        if let Some(status) = *running.exit.borrow() {
+            return Err(Error::ExitedEarly {
+                status: status.to_string(),
+                output: running.output.tail(),
+            });
+        }
+        // The socket exists before OpenCode listens; only an answer means ready.
+        if let Ok(health) = client.health_within(Duration::from_secs(1)).await
+            && health.healthy
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::StartupTimeout {
+                after: timeout,
+                output: running.output.tail(),
+            });
+        }
+        let mut exit = running.exit.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(100), exit.wait_for(Option::is_some)).await;
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId { id: id.to_owned() })
+    }
+}
+
+fn validate_branch(branch: &str) -> Result<(), Error> {
+    let ok = !branch.is_empty()
+        && !branch.starts_with(['-', '/', '.'])
+        && !branch.contains("..")
+        && branch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidBranch {
+            branch: branch.to_owned(),
+        })
+    }
+}
+
+/// Creates the directories and, on first use, the workspace. The clone runs as root, which is
+/// safe only because nothing in the fresh clone was written by a sandbox yet; every later git
+/// command on the workspace runs inside the sandbox.
+fn prepare_layout(
+    layout: &Layout,
+    spec: &SandboxSpec,
+    uid: u32,
+    limits: &Limits,
+    memory_cgroup: bool,
+) -> Result<(), Error> {
+    validate_branch(&spec.branch)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Prepare { path, source }
+    };
+    for (dir, mode) in [
+        (&layout.dir, 0o711),
+        (&layout.host, 0o755),
+        (&layout.control, 0o700),
+        (&layout.etc, 0o755),
+    ] {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir))?;
+    }
+    for (name, content) in Layout::etc_files(uid, limits, memory_cgroup) {
+        let path = layout.etc.join(name);
+        std::fs::write(&path, content).map_err(io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&path))?;
+    }
+    if !layout.workspace.exists() {
+        let staging = layout.dir.join("workspace.new");
+        let _ = std::fs::remove_dir_all(&staging);
+        git(
+            &["clone", "--quiet", "--no-hardlinks", "--", &spec.repository],
+            Some(&staging),
+        )?;
+        git_in(&staging, &["checkout", "--quiet", "-b", &spec.branch])?;
+        std::fs::rename(&staging, &layout.workspace).map_err(io(&layout.workspace))?;
+    }
+    for dir in [&layout.workspace, &layout.home, &layout.run] {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let owner = std::fs::symlink_metadata(dir).map_err(io(dir))?.uid();
+        if owner != uid {
+            chown_tree(dir, uid)?;
+        }
+        let mode = if dir == &layout.run { 0o750 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+fn git(args: &[&str], target: Option<&Path>) -> Result<(), Error> {
+    let mut command = Command::new("git");
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    if let Some(target) = target {
+        command.arg(target);
+    }
+    let output = command.output().map_err(|source| Error::Spawn {
+        program: "git".to_owned(),
+        source,
+    })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            what: format!("git {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> Result<(), Error> {
+    let dir = dir.to_string_lossy();
+    let mut all = vec!["-C", dir.as_ref()];
+    all.extend_from_slice(args);
+    git(&all, None)
+}
+
+/// Gives a tree to `uid` without following links (a resumed sandbox may get another uid).
+fn chown_tree(path: &Path, uid: u32) -> Result<(), Error> {
+    let io = |source| Error::Prepare {
+        path: path.to_owned(),
+        source,
+    };
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(io)?;
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        for child in std::fs::read_dir(path).map_err(io)? {
+            chown_tree(&child.map_err(io)?.path(), uid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Hard-links (or copies) the OpenCode binary into a root-owned dir every sandbox uid can read:
+/// the installed one may sit under a home only root can enter.
+fn stage_binary(source: &Path, dir: &Path) -> Result<PathBuf, Error> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Prepare { path, source }
+    };
+    let source = std::fs::canonicalize(source).map_err(io(source))?;
+    let meta = std::fs::metadata(&source).map_err(io(&source))?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io(dir))?;
+    let target = dir.join(format!("opencode-{}-{}", meta.len(), meta.mtime()));
+    if !target.is_file() {
+        let partial = dir.join(format!(".partial-{}", std::process::id()));
+        let _ = std::fs::remove_file(&partial);
+        if std::fs::hard_link(&source, &partial).is_err() {
+            std::fs::copy(&source, &partial).map_err(io(&partial))?;
+        }
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&partial))?;
+        std::fs::rename(&partial, &target).map_err(io(&target))?;
+    }
+    Ok(target)
+}
+
+fn kill(pid: u32, signal: Signal) {
+    // Never 0 or 1: those would reach this process's group or every process.
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 1)
+        .and_then(Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+/// The first descendant of `pid` (breadth first) whose command name is `comm`.
+fn find_descendant(pid: u32, comm: &str) -> Option<u32> {
+    let mut queue = VecDeque::from([pid]);
+    while let Some(pid) = queue.pop_front() {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if name.trim() == comm {
+            return Some(pid);
+        }
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        queue.extend(
+            children
+                .split_whitespace()
+                .filter_map(|child| child.parse::<u32>().ok()),
+        );
+    }
+    None
+}
+
+/// The last lines the sandbox printed, for error reports.
+#[derive(Debug, Clone, Default)]
+struct Output {
+    lines: Arc<Mutex<VecDeque<String>>>,
+}
+
+const OUTPUT_LINES: usize = 40;
+
+impl Output {
+    fn follow(&self, pipe: impl Read + Send + 'static) {
+        let lines = self.lines.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sandbox-output".into())
+            .spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    tracing::debug!(target: "canopy_sandbox::output", "{line}");
+                    let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+                    if lines.len() == OUTPUT_LINES {
+                        lines.pop_front();
+                    }
+                    lines.push_back(line);
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot follow the sandbox's output");
+        }
+    }
+
+    fn tail(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}

@@ -1,0 +1,103 @@
+//! The port every sandbox implementation fills: start, exec, stop, status (and remove).
+//!
+//! The agent runner holds an `Arc<dyn SandboxProvider>`. [`crate::BubblewrapProvider`] is the
+//! local implementation; remote ones (Daytona, E2B, Modal) fit the same trait later.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::Error;
+
+/// What a sandbox is made from. One sandbox per Canopy session.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// A path component: 1 to 64 of `[A-Za-z0-9_-]` (the session id fits).
+    pub id: String,
+    /// The repository the workspace is cloned from on first use (a path or a URL git accepts).
+    pub repository: String,
+    /// The session's own branch, created in the workspace on first use.
+    pub branch: String,
+    /// The OpenCode provider id and model id prompts will name. The provider's base URL and key
+    /// are the sandbox's business: OpenCode reaches its model through the host-side proxy.
+    pub provider_id: String,
+    pub model_id: String,
+}
+
+/// A running sandbox, as the runner needs it.
+#[derive(Debug, Clone)]
+pub struct SandboxInfo {
+    pub id: String,
+    /// The unprivileged uid (and gid) everything in the sandbox runs as.
+    pub uid: u32,
+    /// A host-side unix socket, reachable only by root, that leads to `opencode serve` in the
+    /// sandbox: give it to `canopy_opencode::ClientConfig::unix_socket`.
+    pub opencode_socket: PathBuf,
+    /// The directory requests name (`x-opencode-directory`): the workspace as the sandbox sees it.
+    pub opencode_directory: PathBuf,
+    /// The workspace on the host (owned by `uid`; never run host tools on it as root).
+    pub workspace: PathBuf,
+    /// From the start request to a healthy OpenCode.
+    pub startup: Duration,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxStatus {
+    /// Nothing on disk or in memory for that id.
+    Absent,
+    /// The workspace and home exist; no process runs.
+    Stopped,
+    /// OpenCode is up (it was healthy when the sandbox started).
+    Running { pid: u32 },
+    /// The sandbox's processes ended without a stop request.
+    Exited { status: String },
+}
+
+/// A command to run in a fresh sandbox process with the same view (workspace, home, uid,
+/// limits, no network) as the session's OpenCode.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// Run by `/bin/bash -c` in `/workspace`.
+    pub script: String,
+    /// Wall time, after which the command is killed.
+    pub timeout: Duration,
+}
+
+impl ExecRequest {
+    pub fn new(script: impl Into<String>) -> Self {
+        Self {
+            script: script.into(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What an exec printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    /// `None` when it was killed by a signal or the timeout.
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A place to run an agent.
+pub trait SandboxProvider: Send + Sync + std::fmt::Debug {
+    /// Starts (or resumes) the sandbox of `spec.id`: creates its workspace on first use and
+    /// returns once OpenCode in it is healthy. Starting a running sandbox returns it as is.
+    fn start(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<SandboxInfo, Error>>;
+    /// Runs a command in the sandbox's view (it need not be running).
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        request: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecOutput, Error>>;
+    /// Stops the sandbox's processes; the workspace and OpenCode's data stay for a resume.
+    fn stop<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    fn status<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<SandboxStatus, Error>>;
+    /// Stops the sandbox and deletes everything it had (on archive).
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+}

@@ -1,0 +1,210 @@
+//! A hostile agent: its own bash tool tries to read host secrets, reach host services and other
+//! sandboxes, and to turn the runner's socket into a path to a host socket.
+
+use std::time::Duration;
+
+use canopy_opencode::TurnEnd;
+use canopy_sandbox::{Error, ExecRequest, SandboxProvider};
+use canopy_testkit::{Script, Step};
+use futures::FutureExt;
+use serde_json::json;
+
+use crate::support::{Harness, client, titled_session, tool_outputs, turn};
+
+fn bash(command: String) -> Step {
+    Step::tool(
+        "bash",
+        json!({ "command": command, "description": "probe", "timeout": 60000 }),
+    )
+}
+
+fn port_of(url: &str) -> u16 {
+    let authority = url.split("://").nth(1).unwrap_or(url);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host_port = host_port.split('/').next().unwrap_or(host_port);
+    host_port
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
+
+#[tokio::test]
+async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
+    let pg = port_of(&canopy_testkit::pg_server().await.unwrap().url);
+    let nats = port_of(&canopy_testkit::nats_server().await.unwrap().url);
+    // The probes below mean something only if the services answer on the host.
+    for port in [pg, nats] {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|error| panic!("host service on {port} is not listening: {error}"));
+    }
+
+    // Placeholders: the harness knows the paths only once it exists.
+    let h = Harness::start(Script::new()).await.unwrap();
+    let other = h.spec("other-session");
+    let other_uid = h.provider.prepare(&other).await.unwrap();
+    let secret = "other-sandbox-secret-7f3a";
+    let wrote = h
+        .provider
+        .exec(
+            "other-session",
+            ExecRequest::new(format!("echo {secret} > secret.txt && id -u")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrote.code, Some(0), "{wrote:?}");
+    assert_eq!(wrote.stdout.trim(), other_uid.to_string());
+    let other_ws = h.workspace("other-session");
+    let host_home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned());
+
+    h.model.push([
+        bash(format!(
+            "cat /etc/shadow; ls {host_home}; cat {}/secret.txt; ls /run/canopy-host; id -u",
+            other_ws.display()
+        )),
+        bash(
+            "echo \"environ-bytes: $(cat /proc/1/environ | wc -c)\"; echo \"pid1: $(cat /proc/1/comm)\"; \
+             env; for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done; \
+             grep -rsl sk- /home /workspace /tmp /run /etc 2>/dev/null | head; echo probed-env"
+                .to_owned(),
+        ),
+        bash(format!(
+            "for port in 5432 4222 {pg} {nats}; do if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; \
+             then echo \"port $port: open\"; else echo \"port $port: refused\"; fi; done; \
+             (exec 3<>/dev/tcp/10.0.0.1/80) 2>&1; cat /proc/net/dev | tail -n +3 | cut -d: -f1"
+        )),
+        Step::text("Probed."),
+    ]);
+    let info = h.provider.start(h.spec("hostile")).await.unwrap();
+    assert_ne!(info.uid, other_uid, "every sandbox has its own uid");
+    let client = client(&info).unwrap();
+    let session = titled_session(&client).await.unwrap();
+
+    let outcome = turn(&client, &session, "Look around.").await.unwrap();
+
+    assert_eq!(outcome.end, TurnEnd::Completed);
+    let outputs = tool_outputs(&outcome);
+    assert_eq!(outputs.len(), 3, "{outputs:#?}");
+    let files = &outputs[0];
+    assert!(
+        files.contains("/etc/shadow: No such file or directory"),
+        "{files}"
+    );
+    assert!(
+        files.contains(&format!(
+            "cannot access '{host_home}': No such file or directory"
+        )),
+        "{files}"
+    );
+    assert!(
+        files.contains(&format!(
+            "{}/secret.txt: No such file or directory",
+            other_ws.display()
+        )),
+        "{files}"
+    );
+    assert!(!files.contains(secret), "{files}");
+    assert!(
+        files.contains(&info.uid.to_string()),
+        "runs as its own uid: {files}"
+    );
+
+    let env = &outputs[1];
+    assert!(
+        env.contains("environ-bytes: 0"),
+        "bwrap's init must have an empty env: {env}"
+    );
+    assert!(
+        env.contains("pid1: bwrap"),
+        "a private pid namespace: {env}"
+    );
+    // The probe did read OpenCode's own environment (its config names the placeholder key)...
+    assert!(
+        env.contains(canopy_sandbox::SANDBOX_API_KEY_PLACEHOLDER),
+        "{env}"
+    );
+    assert!(env.contains("probed-env"), "{env}");
+    // ...and the real key is nowhere in it, nor in any file it could grep.
+    assert!(
+        !env.contains(&h.api_key),
+        "the API key leaked into the sandbox: {env}"
+    );
+    assert!(
+        !env.contains("DATABASE_URL") && !env.contains("CARGO"),
+        "host env leaked: {env}"
+    );
+
+    let net = &outputs[2];
+    for port in [5432, 4222, pg, nats] {
+        assert!(net.contains(&format!("port {port}: refused")), "{net}");
+        assert!(!net.contains(&format!("port {port}: open")), "{net}");
+    }
+    assert!(net.contains("Network is unreachable"), "{net}");
+    assert_eq!(
+        net.lines().filter(|line| line.trim() == "lo").count(),
+        1,
+        "only lo: {net}"
+    );
+
+    // The proxy added the key upstream; the sandbox sent only the placeholder.
+    let requests = h.model.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(
+            request.header("authorization"),
+            Some(format!("Bearer {}", h.api_key).as_str())
+        );
+        assert!(!request.body.to_string().contains(&h.api_key));
+    }
+
+    h.provider.remove("hostile").await.unwrap();
+    h.provider.remove("other-session").await.unwrap();
+}
+
+#[tokio::test]
+async fn swapping_the_socket_for_a_symlink_is_refused() {
+    let h = Harness::start(Script::new()).await.unwrap();
+    // A host socket the agent would like the runner to talk to instead.
+    let decoy_dir = tempfile::tempdir().unwrap();
+    let decoy_path = decoy_dir.path().join("decoy.sock");
+    let decoy = tokio::net::UnixListener::bind(&decoy_path).unwrap();
+    h.model.push([
+        bash(format!(
+            "mv /run/canopy/opencode.sock /run/canopy/real.sock && ln -s {} /run/canopy/opencode.sock && ls -l /run/canopy",
+            decoy_path.display()
+        )),
+        Step::text("Swapped."),
+    ]);
+    let info = h.provider.start(h.spec("swapper")).await.unwrap();
+    let client = client(&info).unwrap();
+    let session = titled_session(&client).await.unwrap();
+
+    // The turn may end normally over pooled connections or fail once it needs a new one.
+    if let Ok(outcome) = turn(&client, &session, "Swap it.").await {
+        let outputs = tool_outputs(&outcome);
+        assert!(outputs[0].contains("opencode.sock ->"), "{outputs:?}");
+    }
+
+    let refused = h.provider.connect_opencode("swapper").await.unwrap_err();
+    match &refused {
+        Error::UnsafeSocket { reason, .. } => {
+            assert!(reason.contains("Symlink"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    let fresh = canopy_opencode::OpenCodeClient::new(canopy_opencode::ClientConfig::unix_socket(
+        &info.opencode_socket,
+    ))
+    .unwrap();
+    assert!(fresh.health_within(Duration::from_secs(2)).await.is_err());
+    let stats = h.provider.bridge_stats("swapper").await.unwrap();
+    assert!(stats.refused() >= 1);
+    assert!(stats.last_refusal().unwrap().contains("not a socket"));
+    assert!(
+        decoy.accept().now_or_never().is_none(),
+        "the runner side connected to the decoy"
+    );
+
+    h.provider.remove("swapper").await.unwrap();
+}
