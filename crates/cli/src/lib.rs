@@ -52,6 +52,9 @@ pub struct UpArgs {
     /// Port of the embedded nats-server.
     #[arg(long, env = "CANOPY_EMBEDDED_NATS_PORT", default_value_t = 42229)]
     pub embedded_nats_port: u16,
+    /// Address query-api listens on.
+    #[arg(long, env = "CANOPY_QUERY_API_ADDR", default_value = "127.0.0.1:8081")]
+    pub query_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub command_api: canopy_command_api::Config,
     #[command(flatten)]

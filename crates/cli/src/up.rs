@@ -3,7 +3,7 @@
 //! Uses the configured database and NATS when there are; otherwise starts an embedded
 //! PostgreSQL and nats-server (the installed binaries, data in the project's data folder,
 //! surviving restarts) that stop when this process does. Then runs command-api (which applies
-//! the migrations), the relay and the projectors in this one process, and prints what a
+//! the migrations), the relay, the projectors and query-api in this one process, and prints what a
 //! developer needs: the URLs and a dev token per role.
 
 use std::time::Duration;
@@ -52,10 +52,19 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
 
     config.database_url = Some(database_url.clone());
     let secret = config.jwt_secret.clone();
+    let mut query_config = canopy_query_api::Config::for_database(&database_url);
+    query_config.listen = args.query_listen;
+    query_config.jwt_secret = secret.clone();
+    query_config.jwt_rs256_public_key_file = config.jwt_rs256_public_key_file.clone();
+    query_config.cors_origins = config.cors_origins.clone();
     let app = canopy_command_api::build(config)
         .await
         .context("start command-api")?;
     let addr = app.local_addr();
+    let query = canopy_query_api::build(query_config)
+        .await
+        .context("start query-api")?;
+    let query_addr = query.local_addr();
     let relay = canopy_relay::Relay::new(
         canopy_relay::RelayConfig::with_stream(
             &args.projectors.stream_name,
@@ -71,6 +80,8 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     say(&format!("command-api:  http://{addr}"))?;
     say(&format!("  docs:       http://{addr}/docs/"))?;
     say(&format!("  openapi:    http://{addr}/openapi.json"))?;
+    say(&format!("query-api:    http://{query_addr}"))?;
+    say(&format!("  docs:       http://{query_addr}/docs/"))?;
     say("dev tokens (24 h), workspace dev-workspace:")?;
     for role in [
         RoleArg::Owner,
@@ -102,6 +113,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         }
     };
     let api = tokio::spawn(app.run_until(stopped(&stop)));
+    let query_task = tokio::spawn(query.run_until(stopped(&stop)));
     let relay_stop = stopped(&stop);
     let relay_task = tokio::spawn(async move { relay.run_until(relay_stop).await });
     let projectors_stop = stopped(&stop);
@@ -109,6 +121,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     shutdown_signal().await;
     let _ = stop.send(());
     api.await?.context("command-api")?;
+    query_task.await?.context("query-api")?;
     relay_task.await?.context("relay")?;
     projectors_task.await?.context("projectors")?;
     pool.close().await;
