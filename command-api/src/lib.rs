@@ -326,13 +326,25 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
     let (api, openapi) = api_router().split_for_parts();
-    let openapi_json = openapi.clone();
+    let document = axum::body::Bytes::from(
+        serde_json::to_vec(&openapi).context("serialize the OpenAPI document")?,
+    );
     let cors = cors(cors_origins)?;
     let request_id = HeaderName::from_static("x-request-id");
     Ok(api
         .route(
             "/openapi.json",
-            axum::routing::get(move || async move { axum::Json(openapi_json) }),
+            // Serialized once and shared: the router (and this handler) is cloned per
+            // connection, and a captured document would be copied with it (about 1 MiB each).
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        document,
+                    )
+                }
+            }),
         )
         .merge(SwaggerUi::new("/docs"))
         .fallback(|| async { ApiError::RouteNotFound })

@@ -6,10 +6,14 @@
 //! time for the projection, else 409). Same JWT and role table as command-api: every role that
 //! reads may read; another workspace's rows are 404. Errors are problem+json with stable codes.
 //!
+//! Live subscriptions ([`live`]) stream a session's events over SSE and WebSocket, resumable,
+//! with presence, fanned out from one NATS subscription per process.
+//!
 //! `build(config)` binds (port 0 in tests) and `App::run_until(shutdown)` serves until shutdown.
 
 mod auth;
 pub mod error;
+mod live;
 mod query;
 mod routes;
 
@@ -66,6 +70,29 @@ pub struct Config {
     /// Database connections.
     #[arg(long, env = "CANOPY_QUERY_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
+    /// NATS server for live subscriptions (falls back to NATS_URL; without either, the stream
+    /// endpoints answer 503).
+    #[arg(long, env = "CANOPY_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// The events' subject prefix (the relay's).
+    #[arg(long, env = "CANOPY_SUBJECT_PREFIX", default_value = "canopy.events")]
+    pub subject_prefix: String,
+    /// Subject prefix of presence heartbeats.
+    #[arg(
+        long,
+        env = "CANOPY_PRESENCE_PREFIX",
+        default_value = "canopy.presence"
+    )]
+    pub presence_prefix: String,
+    /// Events a live client may have buffered before it is closed (with a resumable position).
+    #[arg(long, env = "CANOPY_LIVE_BUFFER", default_value_t = 256)]
+    pub live_buffer: usize,
+    /// Presence heartbeat interval in milliseconds (absent after three missed beats).
+    #[arg(long, env = "CANOPY_PRESENCE_HEARTBEAT_MS", default_value_t = 5000)]
+    pub presence_heartbeat_ms: u64,
+    /// Keep-alive interval of streams, in milliseconds.
+    #[arg(long, env = "CANOPY_STREAM_KEEPALIVE_MS", default_value_t = 15000)]
+    pub keep_alive_ms: u64,
 }
 
 impl Config {
@@ -91,6 +118,9 @@ pub struct AppState {
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) consistency_timeout: Duration,
     pub(crate) metrics: PrometheusHandle,
+    pub(crate) live: Option<Arc<live::Live>>,
+    pub(crate) ticket_secret: String,
+    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -104,6 +134,7 @@ impl std::fmt::Debug for AppState {
 pub struct App {
     listener: tokio::net::TcpListener,
     router: Router,
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// Connects to the database (applying migrations) and binds the listener.
@@ -136,17 +167,51 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         leeway_secs: 30,
     })
     .context("configure token verification")?;
+    let nats_url = config
+        .nats_url
+        .clone()
+        .or_else(|| std::env::var("NATS_URL").ok())
+        .filter(|url| !url.is_empty());
+    let live = match nats_url {
+        Some(url) => {
+            let client = async_nats::connect(&url).await.context("connect to NATS")?;
+            let live_config = live::LiveConfig {
+                subject_prefix: config.subject_prefix.clone(),
+                presence_prefix: config.presence_prefix.clone(),
+                buffer: config.live_buffer,
+                heartbeat: Duration::from_millis(config.presence_heartbeat_ms.max(10)),
+                keep_alive: Duration::from_millis(config.keep_alive_ms.max(10)),
+            };
+            Some(
+                live::Live::start(client, pool.clone(), live_config)
+                    .await
+                    .context("start live subscriptions")?,
+            )
+        }
+        None => {
+            tracing::warn!("no NATS configured: live subscriptions are off");
+            None
+        }
+    };
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         pool,
         verifier: Arc::new(verifier),
         consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
         metrics: metrics_handle(),
+        live,
+        ticket_secret: config.jwt_secret.clone(),
+        shutdown: shutdown_rx,
     };
     let router = router(state, &config.cors_origins)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    Ok(App { listener, router })
+    Ok(App {
+        listener,
+        router,
+        shutdown,
+    })
 }
 
 impl App {
@@ -157,12 +222,17 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests.
+    /// Stream clients are told to reconnect (with their positions) first.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let streams = self.shutdown;
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = streams.send(true);
+            })
             .await
             .context("serve HTTP")
     }
@@ -178,6 +248,7 @@ impl App {
         (name = "sessions", description = "Sessions and what happened in them"),
         (name = "features", description = "Features and their shared context"),
         (name = "analytics", description = "Aggregates over the read models"),
+        (name = "live", description = "Live subscriptions: SSE and WebSocket, resumable, with presence"),
         (name = "ops", description = "Health, readiness and metrics"),
     )
 )]
@@ -213,6 +284,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(analytics::plan_latency))
         .routes(routes!(analytics::prompts_per_user_per_day))
         .routes(routes!(analytics::agent_time))
+        .routes(routes!(live::session_sse))
+        .routes(routes!(live::session_ws))
+        .routes(routes!(live::session_presence))
+        .routes(routes!(live::workspace_sse))
+        .routes(routes!(live::stream_ticket))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -225,6 +301,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
     let (api, openapi) = api_router().split_for_parts();
+    let document = axum::body::Bytes::from(
+        serde_json::to_vec(&openapi).context("serialize the OpenAPI document")?,
+    );
     let origins = cors_origins
         .iter()
         .filter(|o| !o.trim().is_empty())
@@ -232,13 +311,23 @@ fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET])
+        .allow_methods([Method::GET, Method::POST])
         .allow_headers([axum::http::header::AUTHORIZATION]);
     let request_id = HeaderName::from_static("x-request-id");
     Ok(api
         .route(
             "/openapi.json",
-            axum::routing::get(move || async move { axum::Json(openapi) }),
+            // Serialized once and shared: the router (and this handler) is cloned per
+            // connection, and a captured document would be copied with it (about 1 MiB each).
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        document,
+                    )
+                }
+            }),
         )
         .merge(SwaggerUi::new("/docs"))
         .fallback(|| async { ApiError::RouteNotFound })
