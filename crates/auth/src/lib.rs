@@ -32,7 +32,15 @@ pub struct Claims {
     pub iss: String,
     pub iat: i64,
     pub exp: i64,
+    /// Set on narrow tokens such as stream tickets ([`TICKET_PURPOSE`]); such a token is
+    /// refused as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
+
+/// The purpose of a stream ticket: a short-lived token a browser's EventSource, which cannot
+/// send headers, passes in the URL. Only the stream endpoints accept it.
+pub const TICKET_PURPOSE: &str = "stream";
 
 impl Claims {
     /// Claims for a person in a workspace, valid for `ttl`.
@@ -53,6 +61,18 @@ impl Claims {
             iss: ISSUER.to_owned(),
             iat: now,
             exp: now + ttl.num_seconds(),
+            purpose: None,
+        }
+    }
+
+    /// A stream ticket for the same person, valid for `ttl`.
+    pub fn ticket(&self, ttl: chrono::Duration) -> Self {
+        let now = Utc::now().timestamp();
+        Self {
+            iat: now,
+            exp: now + ttl.num_seconds(),
+            purpose: Some(TICKET_PURPOSE.to_owned()),
+            ..self.clone()
         }
     }
 
@@ -69,6 +89,7 @@ impl Claims {
             iss: ISSUER.to_owned(),
             iat: now,
             exp: now + ttl.num_seconds(),
+            purpose: None,
         }
     }
 
@@ -163,8 +184,26 @@ impl Verifier {
         })
     }
 
-    /// Checks the signature, issuer and expiry, then the claims' own consistency.
+    /// Checks a bearer token: signature, issuer, expiry, the claims' own consistency, and that it
+    /// is not a narrow-purpose token (a stream ticket).
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.decode(token)?;
+        if claims.purpose.is_some() {
+            return Err(AuthError::InvalidClaims("a ticket is not a bearer token"));
+        }
+        Ok(claims)
+    }
+
+    /// Checks a stream ticket: like [`Self::verify`], and it must be a ticket.
+    pub fn verify_ticket(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.decode(token)?;
+        if claims.purpose.as_deref() != Some(TICKET_PURPOSE) {
+            return Err(AuthError::InvalidClaims("not a stream ticket"));
+        }
+        Ok(claims)
+    }
+
+    fn decode(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token)?;
         let key = match header.alg {
             Algorithm::HS256 => &self.hs256,
@@ -228,6 +267,20 @@ mod tests {
         let mut runner_in_workspace = Claims::runner("agent-runner", chrono::Duration::hours(1));
         runner_in_workspace.workspace_id = Some("w1".into());
         assert!(mint_hs256(SECRET, &runner_in_workspace).is_err());
+    }
+
+    #[test]
+    fn a_ticket_is_not_a_bearer_token_and_a_bearer_token_is_not_a_ticket() {
+        let claims = Claims::user("u1", "Ada", "w1", Role::Viewer, chrono::Duration::hours(1));
+        let bearer = mint_hs256(SECRET, &claims).unwrap();
+        let ticket = mint_hs256(SECRET, &claims.ticket(chrono::Duration::seconds(60))).unwrap();
+        assert!(verifier().verify(&ticket).is_err());
+        assert!(verifier().verify_ticket(&bearer).is_err());
+        let verified = verifier().verify_ticket(&ticket).unwrap();
+        assert_eq!(
+            (verified.sub.as_str(), verified.workspace_id.as_deref()),
+            ("u1", Some("w1"))
+        );
     }
 
     #[test]
