@@ -4,6 +4,7 @@
 
 mod analysts;
 mod endpoints;
+mod live;
 mod openapi;
 mod pagination;
 mod support;

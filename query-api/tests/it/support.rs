@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 pub(crate) const SECRET: &str = "query-api-test-secret-0123456789";
+/// Small, so that a client that never reads overflows quickly.
+pub(crate) const LIVE_BUFFER: usize = 32;
 
 pub(crate) struct Stack {
     pub(crate) db: TestDb,
@@ -19,7 +21,7 @@ pub(crate) struct Stack {
     pub(crate) command: String,
     pub(crate) query: String,
     client: reqwest::Client,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    pub(crate) stops: Vec<tokio::sync::oneshot::Sender<()>>,
     projectors: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -71,7 +73,13 @@ impl Stack {
         let mut query = canopy_query_api::Config::for_database(db.url.clone());
         query.jwt_secret = SECRET.into();
         query.consistency_timeout_ms = consistency_ms;
-        query.db_max_connections = 6;
+        query.db_max_connections = 8;
+        query.nats_url = Some(nats.url.clone());
+        query.subject_prefix = format!("{}.events", nats.prefix);
+        query.presence_prefix = format!("{}.presence", nats.prefix);
+        query.presence_heartbeat_ms = 200;
+        query.keep_alive_ms = 1000;
+        query.live_buffer = LIVE_BUFFER;
         let app = canopy_query_api::build(query).await.unwrap();
         let query = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

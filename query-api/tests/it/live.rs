@@ -1,0 +1,482 @@
+//! Live subscriptions: many clients, resume, catch-up races, slow clients, presence, auth and
+//! scoping over SSE and WebSocket, and shutdown.
+
+use std::time::Duration;
+
+use canopy_domain::Role;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::support::{Stack, runner, token};
+
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = eventsource_stream::Event> + Send>>;
+
+/// Opens a session's SSE stream (after `after` when given).
+async fn open(stack: &Stack, bearer: &str, session: Uuid, after: Option<i64>) -> Events {
+    let mut request = reqwest::Client::new()
+        .get(format!("{}/sessions/{session}/stream", stack.query))
+        .bearer_auth(bearer);
+    if let Some(after) = after {
+        request = request.header("last-event-id", after.to_string());
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .filter_map(|e| async move { e.ok() }),
+    )
+}
+
+/// Reads until the event with sequence `until`; returns the sequences of the session events.
+async fn read_until(events: &mut Events, until: i64) -> Vec<i64> {
+    let mut sequences = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sequences.last().copied() != Some(until) {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("events stopped coming")
+            .expect("the stream ended");
+        if event.event == "message" {
+            let body: Value = serde_json::from_str(&event.data).unwrap();
+            let sequence = body["sequence"].as_i64().unwrap();
+            assert_eq!(event.id, sequence.to_string(), "the SSE id is the sequence");
+            assert!(body["id"].is_string(), "each message carries its event id");
+            sequences.push(sequence);
+        }
+    }
+    sequences
+}
+
+/// Reads up to the first presence message (the client has read its history and is live);
+/// returns the sequences of the history.
+async fn until_live(events: &mut Events) -> Vec<i64> {
+    let mut sequences = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match event.event.as_str() {
+            "presence" => return sequences,
+            "message" => sequences.push(
+                serde_json::from_str::<Value>(&event.data).unwrap()["sequence"]
+                    .as_i64()
+                    .unwrap(),
+            ),
+            _ => {}
+        }
+    }
+}
+
+async fn session(stack: &Stack) -> Uuid {
+    stack
+        .command(&token(Role::Member, "m1", "w1"), "/sessions", json!({"title": "live", "repository_url": "https://g.example.invalid/r", "base_branch": "main"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Appends `n` prompts; returns the session's version after them.
+async fn prompts(stack: &Stack, session: Uuid, n: usize, text: &str) -> i64 {
+    let mut version = 0;
+    for _ in 0..n {
+        let answer = stack
+            .command(
+                &token(Role::Member, "m1", "w1"),
+                &format!("/sessions/{session}/prompts"),
+                json!({"text": text}),
+            )
+            .await;
+        version = answer["version"].as_i64().unwrap();
+    }
+    version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sse_clients_receive_every_event_in_order() {
+    let stack = Stack::start().await;
+    let session = session(&stack).await;
+    let viewer = token(Role::Viewer, "v", "w1");
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        let mut events = open(&stack, &viewer, session, None).await;
+        let history = until_live(&mut events).await;
+        clients.push((history, events));
+    }
+    let last = prompts(&stack, session, 30, "hello").await;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(history, mut events)| {
+            tokio::spawn(async move {
+                history
+                    .into_iter()
+                    .chain(read_until(&mut events, last).await)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), (1..=last).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_drops_and_resumes_sees_the_whole_stream_once() {
+    let stack = Stack::start().await;
+    let session = session(&stack).await;
+    let viewer = token(Role::Viewer, "v", "w1");
+    prompts(&stack, session, 10, "before").await;
+    let mut events = open(&stack, &viewer, session, None).await;
+    let first = read_until(&mut events, 7).await;
+    drop(events);
+    let last = prompts(&stack, session, 10, "while away").await;
+    let mut events = open(&stack, &viewer, session, Some(*first.last().unwrap())).await;
+    let rest = read_until(&mut events, last).await;
+    let whole: Vec<i64> = first.into_iter().chain(rest).collect();
+    assert_eq!(whole, (1..=last).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_appended_during_catch_up_are_delivered_once_in_order() {
+    let stack = std::sync::Arc::new(Stack::start().await);
+    let session = session(&stack).await;
+    let viewer = token(Role::Viewer, "v", "w1");
+    let writer = {
+        let stack = stack.clone();
+        tokio::spawn(async move { prompts(&stack, session, 120, "racing").await })
+    };
+    // clients join from the start of the history at different moments of the writes
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(open(&stack, &viewer, session, Some(0)).await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let last = writer.await.unwrap();
+    for mut events in clients {
+        assert_eq!(
+            read_until(&mut events, last).await,
+            (1..=last).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_with_a_resumable_position_and_slows_no_one() {
+    let stack = Stack::start().await;
+    let session = session(&stack).await;
+    let viewer = token(Role::Viewer, "v", "w1");
+    // the slow client connects and then never reads its body
+    let slow = reqwest::Client::new()
+        .get(format!("{}/sessions/{session}/stream", stack.query))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap();
+    let mut fast = open(&stack, &viewer, session, None).await;
+    let history = until_live(&mut fast).await;
+    // the fast client reads while the events are written
+    let (last_tx, last_rx) = tokio::sync::oneshot::channel::<i64>();
+    let fast_reader = tokio::spawn(async move {
+        let mut sequences = history;
+        let mut last_rx = last_rx;
+        let mut last = None;
+        loop {
+            if let Some(last) = last
+                && sequences.last().copied() == Some(last)
+            {
+                return sequences;
+            }
+            tokio::select! {
+                event = fast.next() => {
+                    let event = event.expect("the fast client's stream ended");
+                    assert_ne!(event.event, "overflow", "the fast client was dropped");
+                    if event.event == "message" {
+                        sequences.push(serde_json::from_str::<Value>(&event.data).unwrap()["sequence"].as_i64().unwrap());
+                    }
+                }
+                value = &mut last_rx, if last.is_none() => last = Some(value.unwrap()),
+            }
+        }
+    });
+    let big = "x".repeat(60 * 1024);
+    let last = prompts(&stack, session, 200, &big).await;
+    last_tx.send(last).unwrap();
+    let fast = tokio::time::timeout(Duration::from_secs(30), fast_reader)
+        .await
+        .expect("the fast client was slowed")
+        .unwrap();
+    assert_eq!(fast, (1..=last).collect::<Vec<_>>());
+
+    // when it finally reads, its stream ends with where to resume
+    let mut slow: Events = Box::pin(
+        slow.bytes_stream()
+            .eventsource()
+            .filter_map(|e| async move { e.ok() }),
+    );
+    let mut seen = Vec::new();
+    let mut resume_after = None;
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(30), slow.next())
+        .await
+        .unwrap()
+    {
+        match event.event.as_str() {
+            "message" => seen.push(
+                serde_json::from_str::<Value>(&event.data).unwrap()["sequence"]
+                    .as_i64()
+                    .unwrap(),
+            ),
+            "overflow" => {
+                resume_after =
+                    serde_json::from_str::<Value>(&event.data).unwrap()["resume_after"].as_i64();
+                break;
+            }
+            _ => {}
+        }
+    }
+    let resume_after = resume_after.expect("no overflow message");
+    assert!(resume_after < last, "the slow client was not closed early");
+    assert_eq!(seen, (1..=resume_after).collect::<Vec<_>>());
+    // and it can resume from there
+    let mut resumed = open(&stack, &viewer, session, Some(resume_after)).await;
+    assert_eq!(
+        read_until(&mut resumed, last).await,
+        (resume_after + 1..=last).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_and_workspace_scoping_hold_for_sse_and_websocket() {
+    let stack = Stack::start().await;
+    let session = session(&stack).await;
+    let status = |path: String, bearer: Option<String>| async move {
+        let mut request = reqwest::Client::new().get(path);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        request.send().await.unwrap().status().as_u16()
+    };
+    let sse = format!("{}/sessions/{session}/stream", stack.query);
+    assert_eq!(status(sse.clone(), None).await, 401);
+    assert_eq!(status(sse.clone(), Some("bad".into())).await, 401);
+    assert_eq!(status(sse.clone(), Some(runner())).await, 403);
+    assert_eq!(
+        status(sse.clone(), Some(token(Role::Owner, "o", "w2"))).await,
+        404
+    );
+    assert_eq!(
+        status(
+            format!("{}/sessions/{}/stream", stack.query, Uuid::new_v4()),
+            Some(token(Role::Viewer, "v", "w1"))
+        )
+        .await,
+        404
+    );
+
+    // a ticket opens the stream from a URL; it is neither a bearer token nor mintable without one
+    let ticket = reqwest::Client::new()
+        .post(format!("{}/stream-tickets", stack.query))
+        .bearer_auth(token(Role::Auditor, "a", "w1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ticket.status().as_u16(), 200);
+    let ticket: Value = ticket.json().await.unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap().to_owned();
+    assert_eq!(status(format!("{sse}?ticket={ticket}"), None).await, 200);
+    assert_eq!(
+        status(format!("{}/sessions", stack.query), Some(ticket.clone())).await,
+        401
+    );
+    assert_eq!(
+        status(
+            format!("{sse}?ticket={}", token(Role::Viewer, "v", "w1")),
+            None
+        )
+        .await,
+        401
+    );
+    let elsewhere = reqwest::Client::new()
+        .post(format!("{}/stream-tickets", stack.query))
+        .bearer_auth(token(Role::Viewer, "v2", "w2"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(status(format!("{sse}?ticket={elsewhere}"), None).await, 404);
+
+    // WebSocket: the same rules, and the events themselves
+    let ws = format!(
+        "{}/sessions/{session}/ws",
+        stack.query.replace("http://", "ws://")
+    );
+    let refused = |url: String, bearer: Option<String>| async move {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().unwrap();
+        if let Some(bearer) = bearer {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => 101,
+        }
+    };
+    assert_eq!(refused(ws.clone(), None).await, 401);
+    assert_eq!(refused(ws.clone(), Some(runner())).await, 403);
+    assert_eq!(
+        refused(ws.clone(), Some(token(Role::Member, "x", "w2"))).await,
+        404
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("{ws}?ticket={ticket}&after=1"))
+        .await
+        .unwrap();
+    let last = prompts(&stack, session, 3, "over ws").await;
+    let mut sequences = Vec::new();
+    while sequences.last().copied() != Some(last) {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame {
+            let body: Value = serde_json::from_str(&text).unwrap();
+            if body["kind"] == "event" {
+                sequences.push(body["event"]["sequence"].as_i64().unwrap());
+            }
+        }
+    }
+    assert_eq!(sequences, (2..=last).collect::<Vec<_>>());
+    socket.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_shows_who_is_connected_and_updates_on_the_stream() {
+    let stack = Stack::start().await;
+    let session = session(&stack).await;
+    let presence = |who: String| {
+        let url = format!("{}/sessions/{session}/presence", stack.query);
+        async move {
+            let body: Value = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(who)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["user_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut ada = open(&stack, &token(Role::Viewer, "ada", "w1"), session, None).await;
+    until_live(&mut ada).await;
+    let grace = open(&stack, &token(Role::Member, "grace", "w1"), session, None).await;
+    // ada's stream says grace arrived
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), ada.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.event == "presence" && event.data.contains("grace") {
+            break;
+        }
+    }
+    assert_eq!(
+        presence(token(Role::Auditor, "x", "w1")).await,
+        ["ada", "grace"]
+    );
+    drop(grace);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while presence(token(Role::Auditor, "x", "w1")).await != ["ada"] {
+        assert!(tokio::time::Instant::now() < deadline, "grace never left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = reqwest::Client::new()
+        .get(format!("{}/sessions/{session}/presence", stack.query))
+        .bearer_auth(token(Role::Owner, "o", "w2"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_clients_are_told_to_reconnect_with_their_position() {
+    let mut stack = Stack::start().await;
+    let session = session(&stack).await;
+    let last = prompts(&stack, session, 3, "before shutdown").await;
+    let mut events = open(&stack, &token(Role::Viewer, "v", "w1"), session, None).await;
+    read_until(&mut events, last).await;
+    let query_api = stack.stops.remove(1);
+    let _ = query_api.send(());
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.event == "reconnect" {
+            let body: Value = serde_json::from_str(&event.data).unwrap();
+            assert_eq!(body["resume_after"].as_i64(), Some(last));
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workspace_stream_shows_changes_to_its_sessions_only() {
+    let stack = Stack::start().await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/stream", stack.query))
+        .bearer_auth(token(Role::Viewer, "v", "w1"))
+        .send()
+        .await
+        .unwrap();
+    let mut changes: Events = Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .filter_map(|e| async move { e.ok() }),
+    );
+    let elsewhere = stack
+        .command(&token(Role::Member, "m", "w2"), "/sessions", json!({"title": "other", "repository_url": "https://g.example.invalid/r", "base_branch": "main"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mine = session(&stack).await;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), changes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.event != "change" {
+            continue;
+        }
+        let body: Value = serde_json::from_str(&event.data).unwrap();
+        assert_ne!(body["session_id"], elsewhere, "another workspace leaked");
+        if body["session_id"] == mine.to_string() {
+            assert_eq!(body["event_type"], "SessionStarted");
+            break;
+        }
+    }
+}
