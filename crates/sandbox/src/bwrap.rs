@@ -6,11 +6,14 @@
 //! `/dev`. Never `/`, never the host's `/proc`, home or other sandboxes. `--remount-ro /` comes
 //! last, or the root tmpfs stays writable. Every namespace is unshared, the network included,
 //! and nested user namespaces are disabled. Nothing secret is ever an argument: the whole argv
-//! is readable at `/proc/1/cmdline` inside.
+//! is readable at `/proc/1/cmdline` inside. With egress allowed, a third bridge serves the
+//! host's egress proxy on `127.0.0.1:3128`, the proxy environment points there, and the CA
+//! bundle (`/etc/ssl`) is bound; with it denied (the default) none of that exists.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::egress::EgressPolicy;
 use crate::limits::{Cgroup, Limits};
 
 /// Where a sandbox's directories are on the host, under the provider's root.
@@ -39,6 +42,9 @@ pub(crate) const MODEL_SOCKET: &str = "model.sock";
 const OPENCODE_PORT: u16 = 4096;
 /// The in-sandbox end of the model bridge.
 pub(crate) const MODEL_PORT: u16 = 8080;
+/// The egress proxy's socket in the host directory, and its port inside the sandbox.
+pub(crate) const EGRESS_SOCKET: &str = "egress.sock";
+pub(crate) const EGRESS_PORT: u16 = 3128;
 const TOOL_SHELL: &str = "/opt/canopy/bin/bash";
 /// A command gets SIGXCPU at its CPU budget and SIGKILL this much later (a soft limit equal to
 /// the hard one would mean SIGKILL at once, indistinguishable from the OOM killer).
@@ -87,9 +93,10 @@ impl Layout {
             (
                 "tool-shell",
                 format!(
-                    "#!/bin/bash\nulimit -H -t {}\nulimit -S -t {}\n{address_space}exec /bin/bash \"$@\"\n",
-                    limits.command_cpu_seconds + CPU_GRACE_SECONDS,
-                    limits.command_cpu_seconds
+                    // Soft first: a hard limit below the inherited soft one is EINVAL.
+                    "#!/bin/bash\nulimit -S -t {}\nulimit -H -t {}\n{address_space}exec /bin/bash \"$@\"\n",
+                    limits.command_cpu_seconds,
+                    limits.command_cpu_seconds + CPU_GRACE_SECONDS
                 ),
             ),
         ]
@@ -113,6 +120,7 @@ pub(crate) fn command_line(
     opencode_binary: &Path,
     limits: &Limits,
     cgroup: Option<&Cgroup>,
+    egress: &EgressPolicy,
     inner: &Inner<'_>,
 ) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
@@ -196,6 +204,15 @@ pub(crate) fn command_line(
     bind("--bind", &layout.home, SANDBOX_HOME);
     bind("--bind", &layout.run, "/run/canopy");
     bind("--ro-bind", &layout.host, "/run/canopy-host");
+    if egress.is_allowed() {
+        // TLS clients need the CA bundle (its links point into /usr/share).
+        bind("--ro-bind-try", Path::new("/etc/ssl"), "/etc/ssl");
+        bind(
+            "--ro-bind-try",
+            Path::new("/etc/ca-certificates"),
+            "/etc/ca-certificates",
+        );
+    }
     let tmp = limits.tmp_bytes.to_string();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
     push(&[
@@ -221,7 +238,6 @@ pub(crate) fn command_line(
         ("XDG_STATE_HOME", "/home/sandbox/.local/state"),
         ("OPENCODE_DISABLE_MODELS_FETCH", "1"),
         ("OPENCODE_DISABLE_AUTOUPDATE", "1"),
-        ("npm_config_offline", "true"),
         ("GIT_AUTHOR_NAME", "sandbox"),
         ("GIT_AUTHOR_EMAIL", "sandbox@localhost"),
         ("GIT_COMMITTER_NAME", "sandbox"),
@@ -230,17 +246,68 @@ pub(crate) fn command_line(
     for (key, value) in env {
         push(&["--setenv", key, value]);
     }
+    for (key, value) in egress_env(egress) {
+        push(&["--setenv", key, &value]);
+    }
+    let egress_bridge = egress_bridge(egress);
     match inner {
         Inner::OpenCode { config_json } => {
             let script = format!(
                 "socat UNIX-LISTEN:/run/canopy/{OPENCODE_SOCKET},fork,unlink-early,mode=0600 TCP:127.0.0.1:{OPENCODE_PORT} &\n\
                  socat TCP-LISTEN:{MODEL_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:/run/canopy-host/{MODEL_SOCKET} &\n\
+                 {egress_bridge}\
                  exec opencode serve --hostname 127.0.0.1 --port {OPENCODE_PORT}\n"
             );
             push(&["--setenv", "OPENCODE_CONFIG_CONTENT", config_json]);
             push(&["--", "/bin/sh", "-c", &script]);
         }
-        Inner::Script(script) => push(&["--", "/bin/bash", "-c", script]),
+        Inner::Script(script) if egress_bridge.is_empty() => {
+            push(&["--", "/bin/bash", "-c", script]);
+        }
+        Inner::Script(script) => {
+            // The script is an argument, not spliced into the bridge's shell text.
+            let wrapper = format!("{egress_bridge}exec /bin/bash -c \"$1\"\n");
+            push(&["--", "/bin/sh", "-c", &wrapper, "sh", script]);
+        }
     }
     argv
+}
+
+/// The environment that points package managers at the egress proxy (nothing when denied):
+/// loopback stays direct, or OpenCode's model calls would go to the proxy.
+fn egress_env(egress: &EgressPolicy) -> Vec<(&'static str, String)> {
+    if !egress.is_allowed() {
+        return vec![("npm_config_offline", "true".to_owned())];
+    }
+    let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
+    let mut env: Vec<_> = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "npm_config_proxy",
+        "npm_config_https_proxy",
+        "CARGO_HTTP_PROXY",
+        "PIP_PROXY",
+    ]
+    .into_iter()
+    .map(|key| (key, proxy.clone()))
+    .collect();
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push((key, "localhost,127.0.0.1,::1".to_owned()));
+    }
+    env
+}
+
+/// The shell lines that serve the egress proxy on `127.0.0.1:EGRESS_PORT` and wait until that
+/// port listens (read from `/proc/net/tcp`, so the wait opens no connection of its own).
+fn egress_bridge(egress: &EgressPolicy) -> String {
+    if !egress.is_allowed() {
+        return String::new();
+    }
+    format!(
+        "socat TCP-LISTEN:{EGRESS_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:/run/canopy-host/{EGRESS_SOCKET} &\n\
+         i=0; until grep -q ':{EGRESS_PORT:04X} 00000000:0000 0A' /proc/net/tcp; do \
+         i=$((i+1)); [ $i -gt 500 ] && break; sleep 0.01; done\n"
+    )
 }

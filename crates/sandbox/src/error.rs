@@ -42,6 +42,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid egress host {host:?}: use a host name, not an address or a pattern")]
+    InvalidEgressHost { host: String },
     #[error("opencode client: {0}")]
     OpenCode(#[from] canopy_opencode::Error),
 }

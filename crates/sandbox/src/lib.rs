@@ -9,11 +9,15 @@
 //! - The runner reaches OpenCode through a unix socket (a [`SocketBridge`] that refuses
 //!   anything but the sandbox's own socket); OpenCode reaches its model only through the
 //!   host-side [`ModelProxy`], which adds the API key the sandbox never sees.
+//! - Egress ([`EgressPolicy`]) is off by default. When a config allows package registries, an
+//!   [`EgressProxy`] on the host tunnels HTTPS to exactly those host names, never to an address
+//!   inside the host or its networks; the sandbox's own network stays private.
 //! - [`Limits`]: memory and processes per sandbox by cgroup ([`CgroupSupport`]), CPU time and
 //!   file size by rlimit, a wall-time cap.
 //! - [`SandboxManager`]: start on the first prompt, stop when idle, resume, remove on archive.
 
 mod bwrap;
+mod egress;
 mod error;
 mod lifecycle;
 mod limits;
@@ -24,6 +28,7 @@ mod socket;
 mod spawn;
 mod uid;
 
+pub use egress::{EgressPolicy, EgressProxy, EgressStats};
 pub use error::Error;
 pub use lifecycle::{ActiveSandbox, LifecycleEvent, SandboxManager, StopReason};
 pub use limits::{CgroupSupport, Limits};

@@ -7,6 +7,13 @@
 //! the rlimits hold: tool commands then get an address-space limit from their shell instead.
 //! `RLIMIT_NPROC` counts a uid's processes host-wide, which is per sandbox because every sandbox
 //! has its own uid; the pids cgroup is the sharper limit when there is one.
+//!
+//! Tested on real cgroups: v1 only (the development hosts are v1/hybrid). The v2 path is tested
+//! against a temp dir standing in for the mount: detection, the controllers check, the
+//! `cgroup.subtree_control` write and the files and contents of a group. Untested on a real v2
+//! mount: that the kernel accepts those writes, joining through `cgroup.procs`, removal, and a
+//! systemd host, where `/sys/fs/cgroup/canopy-sandbox` may need a delegated subtree (or
+//! `systemd-run --scope`) before root may enable controllers there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,8 +74,27 @@ const PARENT: &str = "canopy-sandbox";
 impl CgroupSupport {
     /// Detects the layout and checks that a group can be created (and removed) under it.
     pub fn detect() -> Self {
-        let base = Path::new("/sys/fs/cgroup");
+        Self::detect_at(Path::new("/sys/fs/cgroup"))
+    }
+
+    /// [`CgroupSupport::detect`] with `base` for `/sys/fs/cgroup` (a temp dir in tests).
+    fn detect_at(base: &Path) -> Self {
         let support = if base.join("cgroup.controllers").is_file() {
+            // v2: a child has a controller only if its parent offers it.
+            let offered =
+                std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
+            let missing: Vec<_> = ["memory", "pids"]
+                .into_iter()
+                .filter(|wanted| !offered.split_whitespace().any(|c| c == *wanted))
+                .collect();
+            if !missing.is_empty() {
+                return Self::Unavailable {
+                    reason: format!(
+                        "the cgroup v2 root does not offer the {} controller(s)",
+                        missing.join(" and ")
+                    ),
+                };
+            }
             Self::V2 {
                 root: base.join(PARENT),
             }
@@ -140,41 +166,76 @@ impl CgroupSupport {
 
     /// Creates (or reuses) the cgroup `name` with `limits`; `None` when unavailable.
     pub(crate) fn create(&self, name: &str, limits: &Limits) -> std::io::Result<Option<Cgroup>> {
-        let cgroup = match self {
-            Self::V1 { memory, pids } => {
-                let cgroup = Cgroup {
-                    dirs: vec![memory.join(name), pids.join(name)],
-                    v2: false,
-                };
-                for dir in &cgroup.dirs {
-                    create_dir(dir)?;
-                }
-                std::fs::write(
-                    cgroup.dirs[0].join("memory.limit_in_bytes"),
-                    limits.memory_bytes.to_string(),
-                )?;
-                std::fs::write(cgroup.dirs[1].join("pids.max"), limits.pids.to_string())?;
-                cgroup
-            }
-            Self::V2 { root } => {
-                let cgroup = Cgroup {
-                    dirs: vec![root.join(name)],
-                    v2: true,
-                };
-                create_dir(&cgroup.dirs[0])?;
-                std::fs::write(
-                    cgroup.dirs[0].join("memory.max"),
-                    limits.memory_bytes.to_string(),
-                )?;
-                // No swap: the memory limit must not turn into swapping.
-                let _ = std::fs::write(cgroup.dirs[0].join("memory.swap.max"), "0");
-                std::fs::write(cgroup.dirs[0].join("pids.max"), limits.pids.to_string())?;
-                cgroup
-            }
-            Self::Unavailable { .. } => return Ok(None),
+        let Some((cgroup, writes)) = self.plan(name, limits) else {
+            return Ok(None);
         };
+        for dir in &cgroup.dirs {
+            create_dir(dir)?;
+        }
+        for write in writes {
+            match std::fs::write(&write.file, &write.content) {
+                Err(error) if write.required => return Err(error),
+                _ => {}
+            }
+        }
         Ok(Some(cgroup))
     }
+
+    /// The directories and limit files of the cgroup `name`, without touching anything.
+    fn plan(&self, name: &str, limits: &Limits) -> Option<(Cgroup, Vec<LimitWrite>)> {
+        let write = |file: PathBuf, content: String, required: bool| LimitWrite {
+            file,
+            content,
+            required,
+        };
+        match self {
+            Self::V1 { memory, pids } => {
+                let (memory, pids) = (memory.join(name), pids.join(name));
+                let writes = vec![
+                    write(
+                        memory.join("memory.limit_in_bytes"),
+                        limits.memory_bytes.to_string(),
+                        true,
+                    ),
+                    write(pids.join("pids.max"), limits.pids.to_string(), true),
+                ];
+                let cgroup = Cgroup {
+                    dirs: vec![memory, pids],
+                    v2: false,
+                };
+                Some((cgroup, writes))
+            }
+            Self::V2 { root } => {
+                let dir = root.join(name);
+                let writes = vec![
+                    write(
+                        dir.join("memory.max"),
+                        limits.memory_bytes.to_string(),
+                        true,
+                    ),
+                    // No swap: the memory limit must not turn into swapping. Optional, as a
+                    // kernel without swap accounting has no such file.
+                    write(dir.join("memory.swap.max"), "0".to_owned(), false),
+                    write(dir.join("pids.max"), limits.pids.to_string(), true),
+                ];
+                let cgroup = Cgroup {
+                    dirs: vec![dir],
+                    v2: true,
+                };
+                Some((cgroup, writes))
+            }
+            Self::Unavailable { .. } => None,
+        }
+    }
+}
+
+/// One limit file to write when a cgroup is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LimitWrite {
+    file: PathBuf,
+    content: String,
+    /// A failure fails the sandbox's start; otherwise it is ignored.
+    required: bool,
 }
 
 fn create_dir(dir: &Path) -> std::io::Result<()> {
@@ -226,5 +287,137 @@ impl Cgroup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V2_CONTROLLERS: &str = "cpuset cpu io memory hugetlb pids rdma misc\n";
+
+    fn limits() -> Limits {
+        Limits {
+            memory_bytes: 3 << 30,
+            pids: 77,
+            ..Limits::default()
+        }
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+    }
+
+    /// A temp dir stands in for a cgroup2 mount: the files are plain files, so this checks the
+    /// paths and contents written, not what the kernel makes of them.
+    #[test]
+    fn v2_detection_enables_controllers_and_writes_the_limits_of_a_group() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::write(base.path().join("cgroup.controllers"), V2_CONTROLLERS).unwrap();
+
+        let support = CgroupSupport::detect_at(base.path());
+
+        let root = base.path().join(PARENT);
+        assert_eq!(support, CgroupSupport::V2 { root: root.clone() });
+        assert_eq!(read(&root.join("cgroup.subtree_control")), "+memory +pids");
+
+        let cgroup = support.create("uid-620007", &limits()).unwrap().unwrap();
+        let dir = root.join("uid-620007");
+        assert_eq!(read(&dir.join("memory.max")), (3u64 << 30).to_string());
+        assert_eq!(read(&dir.join("memory.swap.max")), "0");
+        assert_eq!(read(&dir.join("pids.max")), "77");
+        assert_eq!(cgroup.procs_files(), vec![dir.join("cgroup.procs")]);
+
+        // v2 reports OOM kills in memory.events (v1 in memory.oom_control).
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cgroup.oom_kills(), 2);
+
+        // Creating it again (a resume) reuses the group and rewrites the limits.
+        let again = Limits {
+            pids: 12,
+            ..limits()
+        };
+        support.create("uid-620007", &again).unwrap().unwrap();
+        assert_eq!(read(&dir.join("pids.max")), "12");
+    }
+
+    #[test]
+    fn v2_plan_makes_swap_optional_and_the_limits_required() {
+        let support = CgroupSupport::V2 {
+            root: PathBuf::from("/sys/fs/cgroup/canopy-sandbox"),
+        };
+        let (cgroup, writes) = support.plan("uid-1", &limits()).unwrap();
+        let dir = Path::new("/sys/fs/cgroup/canopy-sandbox/uid-1");
+        assert!(cgroup.v2);
+        assert_eq!(cgroup.dirs, vec![dir.to_owned()]);
+        let rendered: Vec<_> = writes
+            .iter()
+            .map(|w| {
+                (
+                    w.file.strip_prefix(dir).unwrap().to_owned(),
+                    w.content.as_str(),
+                    w.required,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rendered,
+            vec![
+                (PathBuf::from("memory.max"), "3221225472", true),
+                (PathBuf::from("memory.swap.max"), "0", false),
+                (PathBuf::from("pids.max"), "77", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn v2_without_memory_or_pids_controllers_is_unavailable() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::write(base.path().join("cgroup.controllers"), "cpu io hugetlb\n").unwrap();
+
+        match CgroupSupport::detect_at(base.path()) {
+            CgroupSupport::Unavailable { reason } => {
+                assert!(reason.contains("memory and pids"), "{reason}")
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert!(!base.path().join(PARENT).exists(), "nothing created");
+    }
+
+    #[test]
+    fn v1_detection_writes_memory_and_pids_in_their_hierarchies() {
+        let base = tempfile::tempdir().unwrap();
+        for hierarchy in ["memory", "pids"] {
+            std::fs::create_dir(base.path().join(hierarchy)).unwrap();
+        }
+
+        let support = CgroupSupport::detect_at(base.path());
+
+        let memory = base.path().join("memory").join(PARENT);
+        let pids = base.path().join("pids").join(PARENT);
+        assert_eq!(
+            support,
+            CgroupSupport::V1 {
+                memory: memory.clone(),
+                pids: pids.clone()
+            }
+        );
+        let cgroup = support.create("uid-9", &limits()).unwrap().unwrap();
+        assert_eq!(
+            read(&memory.join("uid-9/memory.limit_in_bytes")),
+            (3u64 << 30).to_string()
+        );
+        assert_eq!(read(&pids.join("uid-9/pids.max")), "77");
+        assert_eq!(
+            cgroup.procs_files(),
+            vec![
+                memory.join("uid-9/cgroup.procs"),
+                pids.join("uid-9/cgroup.procs")
+            ]
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::Error;
 use crate::bwrap::{self, Inner, Layout};
+use crate::egress::{EgressPolicy, EgressProxy, EgressStats};
 use crate::limits::{Cgroup, CgroupSupport, Limits};
 use crate::model_proxy::{ModelProxy, ModelUpstream};
 use crate::provider::{
@@ -46,6 +48,8 @@ pub struct BubblewrapConfig {
     pub startup_timeout: Duration,
     /// From SIGTERM to OpenCode until the sandbox is killed.
     pub stop_timeout: Duration,
+    /// Whether sandboxes may reach package registries; [`EgressPolicy::Deny`] by default.
+    pub egress: EgressPolicy,
 }
 
 impl BubblewrapConfig {
@@ -59,6 +63,7 @@ impl BubblewrapConfig {
             opencode_binary: None,
             startup_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
+            egress: EgressPolicy::Deny,
         }
     }
 }
@@ -82,6 +87,8 @@ struct Entry {
     lease: UidLease,
     layout: Layout,
     cgroup: Option<Cgroup>,
+    /// Serves every process of the sandbox (OpenCode and execs) while the entry exists.
+    egress: Option<EgressProxy>,
     running: Option<Running>,
 }
 
@@ -94,6 +101,8 @@ struct Running {
     _proxy: ModelProxy,
     info: SandboxInfo,
     wall_timer: tokio::task::JoinHandle<()>,
+    /// Set when the wall-time cap killed the sandbox.
+    wall_time_hit: Arc<AtomicBool>,
 }
 
 impl BubblewrapProvider {
@@ -162,6 +171,30 @@ impl BubblewrapProvider {
         Ok(running.bridge.stats().clone())
     }
 
+    /// What the egress proxy of the sandbox let through and refused; `None` when egress is
+    /// denied or nothing ran yet.
+    pub async fn egress_stats(&self, id: &str) -> Option<Arc<EgressStats>> {
+        let sandboxes = self.sandboxes.lock().await;
+        sandboxes
+            .get(id)
+            .and_then(|entry| entry.egress.as_ref())
+            .map(|proxy| proxy.stats().clone())
+    }
+
+    /// Waits until the running sandbox `id` exits on its own (or is stopped), and says how.
+    pub async fn wait_exited(&self, id: &str) -> Result<SandboxStatus, Error> {
+        let mut exit = {
+            let sandboxes = self.sandboxes.lock().await;
+            sandboxes
+                .get(id)
+                .and_then(|entry| entry.running.as_ref())
+                .map(|running| running.exit.clone())
+                .ok_or_else(|| Error::NotRunning { id: id.to_owned() })?
+        };
+        let _ = exit.wait_for(Option::is_some).await;
+        self.status_of(id).await
+    }
+
     /// Processes the memory cgroup killed in this sandbox (0 without cgroups).
     pub async fn oom_kills(&self, id: &str) -> u64 {
         let sandboxes = self.sandboxes.lock().await;
@@ -198,6 +231,7 @@ impl BubblewrapProvider {
                     lease,
                     layout,
                     cgroup: None,
+                    egress: None,
                     running: None,
                 },
             );
@@ -221,6 +255,21 @@ impl BubblewrapProvider {
         Ok(())
     }
 
+    /// Starts the sandbox's egress proxy when the policy allows any host and none runs.
+    fn ensure_egress(&self, entry: &mut Entry) -> Result<(), Error> {
+        let EgressPolicy::AllowHosts(hosts) = &self.config.egress else {
+            return Ok(());
+        };
+        if entry.egress.is_none() {
+            entry.egress = Some(EgressProxy::start(
+                &entry.layout.host.join(bwrap::EGRESS_SOCKET),
+                entry.lease.uid(),
+                hosts,
+            )?);
+        }
+        Ok(())
+    }
+
     fn spawn(
         &self,
         entry: &Entry,
@@ -233,6 +282,7 @@ impl BubblewrapProvider {
             &self.opencode_binary,
             &self.config.limits,
             entry.cgroup.as_ref(),
+            &self.config.egress,
             inner,
         );
         let mut command = Command::new(&argv[0]);
@@ -260,6 +310,7 @@ impl BubblewrapProvider {
             entry.running = None;
         }
         self.ensure_cgroup(entry)?;
+        self.ensure_egress(entry)?;
         let uid = entry.lease.uid();
         let layout = entry.layout.clone();
         crate::socket::remove_stale(&layout.run.join(bwrap::OPENCODE_SOCKET))?;
@@ -309,9 +360,12 @@ impl BubblewrapProvider {
         let control = layout.control.join(bwrap::OPENCODE_SOCKET);
         let bridge = SocketBridge::start(&control, &layout.run, bwrap::OPENCODE_SOCKET, uid)?;
         let wall = self.config.limits.max_wall_time;
+        let wall_time_hit = Arc::new(AtomicBool::new(false));
+        let hit = wall_time_hit.clone();
         let wall_timer = tokio::spawn(async move {
-            tokio::time::sleep(wall).await;
+            tokio::time::sleep_until(began + wall).await;
             tracing::warn!(pid, "sandbox reached its wall-time limit; killing it");
+            hit.store(true, Ordering::Relaxed);
             kill(pid, Signal::KILL);
         });
         let info = SandboxInfo {
@@ -330,6 +384,7 @@ impl BubblewrapProvider {
             _proxy: proxy,
             info,
             wall_timer,
+            wall_time_hit,
         };
         if let Err(error) = wait_healthy(
             &running,
@@ -356,6 +411,7 @@ impl BubblewrapProvider {
                 .get_mut(id)
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
             self.ensure_cgroup(entry)?;
+            self.ensure_egress(entry)?;
             self.spawn(entry, &Inner::Script(&request.script), Stdio::piped())?
         };
         let pid = child.id();
@@ -443,9 +499,16 @@ impl BubblewrapProvider {
             None => SandboxStatus::Stopped,
             Some(running) => match *running.exit.borrow() {
                 None => SandboxStatus::Running { pid: running.pid },
-                Some(status) => SandboxStatus::Exited {
-                    status: format!("{status}; last output:\n{}", running.output.tail()),
-                },
+                Some(status) => {
+                    let cap = if running.wall_time_hit.load(Ordering::Relaxed) {
+                        " (killed at the wall-time limit)"
+                    } else {
+                        ""
+                    };
+                    SandboxStatus::Exited {
+                        status: format!("{status}{cap}; last output:\n{}", running.output.tail()),
+                    }
+                }
             },
         })
     }

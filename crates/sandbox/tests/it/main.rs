@@ -2,6 +2,7 @@
 //! scripted model (the fake of the hosted LLM). Each test has its own provider root and
 //! sandboxes; uids are leased host-wide, so tests in parallel processes never share one.
 
+mod egress;
 mod escapes;
 mod lifecycle;
 mod limits;

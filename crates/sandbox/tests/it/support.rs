@@ -10,7 +10,8 @@ use canopy_opencode::{
     PermissionRequest, Prompt, ToolState, TurnOutcome, TurnPolicy, run_turn,
 };
 use canopy_sandbox::{
-    BubblewrapConfig, BubblewrapProvider, Limits, ModelUpstream, SandboxInfo, SandboxSpec,
+    BubblewrapConfig, BubblewrapProvider, EgressPolicy, Limits, ModelUpstream, SandboxInfo,
+    SandboxSpec,
 };
 use canopy_testkit::{ModelServer, SCRIPTED_MODEL_ID, Script};
 
@@ -31,6 +32,14 @@ impl Harness {
     }
 
     pub(crate) async fn start_with(script: Script, limits: Limits) -> Result<Self> {
+        Self::start_configured(script, limits, EgressPolicy::Deny).await
+    }
+
+    pub(crate) async fn start_configured(
+        script: Script,
+        limits: Limits,
+        egress: EgressPolicy,
+    ) -> Result<Self> {
         let model = ModelServer::start(script).await?;
         let dir = tempfile::Builder::new()
             .prefix("canopy-sandbox-test-")
@@ -69,6 +78,7 @@ impl Harness {
             },
         );
         config.limits = limits;
+        config.egress = egress;
         let provider = Arc::new(BubblewrapProvider::new(config)?);
         Ok(Self {
             model,
@@ -154,6 +164,38 @@ pub(crate) fn tool_outputs(outcome: &TurnOutcome) -> Vec<String> {
             other => format!("UNFINISHED: {other:?}"),
         })
         .collect()
+}
+
+/// Host processes whose real uid is `uid`.
+fn processes_of(uid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| {
+                    let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+                    line.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(uid)
+        })
+        .collect()
+}
+
+/// Waits until no host process runs as `uid` (teardown of a killed sandbox is asynchronous).
+pub(crate) async fn wait_no_processes_of(uid: u32, within: Duration) -> Vec<u32> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = processes_of(uid);
+        if left.is_empty() || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub(crate) fn owner(path: &Path) -> u32 {
