@@ -142,6 +142,32 @@ async fn a_client_that_drops_and_resumes_sees_the_whole_stream_once() {
     assert_eq!(whole, (1..=last).collect::<Vec<_>>());
 }
 
+/// Reads concurrently with the writes: every sequence until the one `last` will name.
+fn follow(
+    mut events: Events,
+    mut last: tokio::sync::watch::Receiver<Option<i64>>,
+) -> tokio::task::JoinHandle<Vec<i64>> {
+    tokio::spawn(async move {
+        let mut sequences: Vec<i64> = Vec::new();
+        loop {
+            let target = *last.borrow();
+            if target.is_some() && sequences.last().copied() == target {
+                return sequences;
+            }
+            tokio::select! {
+                event = events.next() => {
+                    let event = event.expect("the stream ended");
+                    assert_ne!(event.event, "overflow", "a reading client was dropped");
+                    if event.event == "message" {
+                        sequences.push(serde_json::from_str::<Value>(&event.data).unwrap()["sequence"].as_i64().unwrap());
+                    }
+                }
+                _ = last.changed() => {}
+            }
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_appended_during_catch_up_are_delivered_once_in_order() {
     let stack = std::sync::Arc::new(Stack::start().await);
@@ -152,17 +178,23 @@ async fn events_appended_during_catch_up_are_delivered_once_in_order() {
         tokio::spawn(async move { prompts(&stack, session, 120, "racing").await })
     };
     // clients join from the start of the history at different moments of the writes
-    let mut clients = Vec::new();
+    let (last_tx, last_rx) = tokio::sync::watch::channel(None);
+    let mut readers = Vec::new();
     for _ in 0..6 {
-        clients.push(open(&stack, &viewer, session, Some(0)).await);
+        readers.push(follow(
+            open(&stack, &viewer, session, Some(0)).await,
+            last_rx.clone(),
+        ));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let last = writer.await.unwrap();
-    for mut events in clients {
-        assert_eq!(
-            read_until(&mut events, last).await,
-            (1..=last).collect::<Vec<_>>()
-        );
+    last_tx.send(Some(last)).unwrap();
+    for reader in readers {
+        let sequences = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sequences, (1..=last).collect::<Vec<_>>());
     }
 }
 
