@@ -369,52 +369,170 @@ pub(crate) struct SessionChange {
     pub recorded_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// Changes to the workspace's sessions, live (SSE; named event `change`, data
-/// [`SessionChange`]). It does not replay history: list `/sessions` first, then watch.
+/// Changes to the workspace's sessions (SSE; named event `change`, data [`SessionChange`]).
+/// Each change's `id` is its place in the relay's order; reconnecting with `Last-Event-ID`
+/// replays what was missed, once and in order. Without it the stream starts with what comes next
+/// (list `/sessions` first, then watch).
 #[utoipa::path(get, path = "/stream", tag = "live",
-    params(StreamParams),
+    params(StreamParams, ("Last-Event-ID" = Option<String>, Header)),
     responses((status = 200, description = "text/event-stream"), (status = 401, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub(crate) async fn workspace_sse(
     State(state): State<AppState>,
     watcher: Watcher,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let live = live(&state)?.clone();
-    let mut subscription = live.hub.subscribe_workspace(&watcher.workspace_id);
-    let mut shutdown = state.shutdown.clone();
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(Order::parse)
+                .ok_or_else(|| ApiError::invalid("last-event-id", "not an id this stream sent"))
+        })
+        .transpose()?;
+    // subscribe before reading the history, so that nothing falls between the two
+    let subscription = live.hub.subscribe_workspace(&watcher.workspace_id);
     let (tx, rx) = mpsc::channel::<Event>(16);
-    tokio::spawn(async move {
-        loop {
-            let event = tokio::select! {
-                item = subscription.rx.recv() => match item {
-                    Some(Item::Event(envelope)) => Event::default().event("change").json_data(SessionChange {
-                        session_id: envelope.aggregate_id.clone(),
-                        event_id: envelope.id,
-                        event_type: envelope.event_type.clone(),
-                        sequence: envelope.sequence,
-                        recorded_at: envelope.recorded_at,
-                    }).unwrap_or_default(),
-                    Some(Item::Presence) => continue,
-                    None => {
-                        let _ = tx.send(Event::default().event("overflow").data("{}")).await;
-                        return;
-                    }
-                },
-                _ = shutdown.changed() => {
-                    let _ = tx.send(Event::default().event("reconnect").data("{}")).await;
-                    return;
-                }
-                _ = tx.closed() => return,
-            };
-            if tx.send(event).await.is_err() {
-                return;
-            }
-        }
-    });
+    let pool = state.pool.clone();
+    let shutdown = state.shutdown.clone();
+    let workspace = watcher.workspace_id.clone();
+    tokio::spawn(follow_workspace(
+        pool,
+        workspace,
+        resume,
+        subscription,
+        shutdown,
+        tx,
+    ));
     let events = futures::StreamExt::map(tokio_stream_from(rx), Ok::<_, std::convert::Infallible>);
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(live.config.keep_alive))
         .into_response())
+}
+
+/// A place in the relay's order: `(transaction id, position)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Order(u64, i64);
+
+impl Order {
+    fn of(envelope: &Envelope) -> Self {
+        Self(envelope.transaction_id, envelope.position)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let (xid, position) = text.trim().split_once('.')?;
+        Some(Self(xid.parse().ok()?, position.parse().ok()?))
+    }
+
+    fn id(self) -> String {
+        format!("{}.{}", self.0, self.1)
+    }
+}
+
+fn change(envelope: &Envelope) -> Event {
+    Event::default()
+        .id(Order::of(envelope).id())
+        .event("change")
+        .json_data(SessionChange {
+            session_id: envelope.aggregate_id.clone(),
+            event_id: envelope.id,
+            event_type: envelope.event_type.clone(),
+            sequence: envelope.sequence,
+            recorded_at: envelope.recorded_at,
+        })
+        .unwrap_or_default()
+}
+
+/// Replays the workspace's changes after `resume` (below the snapshot horizon, as the relay
+/// publishes), then follows the live ones in relay order, skipping what was replayed.
+async fn follow_workspace(
+    pool: PgPool,
+    workspace: String,
+    resume: Option<Order>,
+    mut subscription: Subscription,
+    mut shutdown: watch::Receiver<bool>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut last = resume;
+    if let Some(mut cursor) = resume {
+        loop {
+            let batch = match workspace_history(&pool, &workspace, cursor).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the workspace's history");
+                    return;
+                }
+            };
+            let Some(end) = batch.last().map(Order::of) else {
+                break;
+            };
+            for envelope in &batch {
+                if tx.send(change(envelope)).await.is_err() {
+                    return;
+                }
+            }
+            cursor = end;
+            last = Some(end);
+        }
+    }
+    let resume_after =
+        |last: Option<Order>| serde_json::json!({"resume_after": last.map(Order::id)}).to_string();
+    loop {
+        let event = tokio::select! {
+            item = subscription.rx.recv() => match item {
+                Some(Item::Event(envelope)) => {
+                    let order = Order::of(&envelope);
+                    if last.is_some_and(|last| order <= last) {
+                        continue;
+                    }
+                    last = Some(order);
+                    change(&envelope)
+                }
+                Some(Item::Presence) => continue,
+                None => {
+                    let _ = tx.send(Event::default().event("overflow").data(resume_after(last))).await;
+                    return;
+                }
+            },
+            _ = shutdown.changed() => {
+                let _ = tx.send(Event::default().event("reconnect").data(resume_after(last))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The next batch of the workspace's session events after `after`, committed and below the
+/// snapshot horizon.
+async fn workspace_history(
+    pool: &PgPool,
+    workspace: &str,
+    after: Order,
+) -> Result<Vec<Envelope>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT e.event_id, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata,
+                e.position, e.transaction_id::text AS xid_text, e.recorded_at
+           FROM events e
+           JOIN events s ON s.aggregate_type = 'session' AND s.aggregate_id = e.aggregate_id AND s.sequence = 1
+          WHERE e.aggregate_type = 'session'
+            AND s.payload -> 'SessionStarted' ->> 'workspace_id' = $1
+            AND (e.transaction_id, e.position) > ($2::text::xid8, $3)
+            AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY e.transaction_id, e.position
+          LIMIT 500",
+    )
+    .bind(workspace)
+    .bind(after.0.to_string())
+    .bind(after.1)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().filter_map(envelope_of).collect())
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -561,42 +679,41 @@ async fn history(
     .bind(before)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(
-            |(
-                id,
-                aggregate_id,
-                sequence,
-                event_type,
-                version,
-                payload,
-                metadata,
-                position,
-                xid,
-                recorded_at,
-            )| {
-                let data = match payload {
-                    serde_json::Value::Object(mut tagged) if tagged.len() == 1 => tagged
-                        .remove(&event_type)
-                        .unwrap_or(serde_json::Value::Null),
-                    other => other,
-                };
-                let metadata: EnvelopeMetadata = serde_json::from_value(metadata).ok()?;
-                Some(Envelope {
-                    id,
-                    event_type,
-                    version,
-                    aggregate_type: "session".to_owned(),
-                    aggregate_id,
-                    sequence,
-                    position,
-                    transaction_id: xid.parse().unwrap_or_default(),
-                    recorded_at,
-                    metadata,
-                    data,
-                })
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().filter_map(envelope_of).collect())
+}
+
+/// A stored session event as the relay's envelope.
+fn envelope_of(row: Row) -> Option<Envelope> {
+    let (
+        id,
+        aggregate_id,
+        sequence,
+        event_type,
+        version,
+        payload,
+        metadata,
+        position,
+        xid,
+        recorded_at,
+    ) = row;
+    let data = match payload {
+        serde_json::Value::Object(mut tagged) if tagged.len() == 1 => tagged
+            .remove(&event_type)
+            .unwrap_or(serde_json::Value::Null),
+        other => other,
+    };
+    let metadata: EnvelopeMetadata = serde_json::from_value(metadata).ok()?;
+    Some(Envelope {
+        id,
+        event_type,
+        version,
+        aggregate_type: "session".to_owned(),
+        aggregate_id,
+        sequence,
+        position,
+        transaction_id: xid.parse().unwrap_or_default(),
+        recorded_at,
+        metadata,
+        data,
+    })
 }

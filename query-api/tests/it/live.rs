@@ -512,3 +512,92 @@ async fn the_workspace_stream_shows_changes_to_its_sessions_only() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workspace_stream_resumes_after_its_last_event_id() {
+    let stack = Stack::start().await;
+    let viewer = token(Role::Viewer, "v", "w1");
+    let connect = |last_event_id: Option<String>| {
+        let mut request = reqwest::Client::new()
+            .get(format!("{}/stream", stack.query))
+            .bearer_auth(&viewer);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            Box::pin(
+                response
+                    .bytes_stream()
+                    .eventsource()
+                    .filter_map(|e| async move { e.ok() }),
+            ) as Events
+        }
+    };
+    let mut changes = connect(None).await;
+    let first = session(&stack).await;
+    let (first_id, body) = next_change(&mut changes).await;
+    assert_eq!(
+        (body["session_id"].as_str(), body["sequence"].as_i64()),
+        (Some(first.to_string().as_str()), Some(1))
+    );
+    drop(changes);
+
+    // while away: the rest of the first session's start, and a second session with a prompt
+    let second = session(&stack).await;
+    let last = prompts(&stack, second, 1, "while away").await;
+    let mut changes = connect(Some(first_id.clone())).await;
+    let mut seen = Vec::new();
+    let mut ids = vec![first_id];
+    while seen.last() != Some(&(second.to_string(), last)) {
+        let (id, body) = next_change(&mut changes).await;
+        ids.push(id);
+        seen.push((
+            body["session_id"].as_str().unwrap().to_owned(),
+            body["sequence"].as_i64().unwrap(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (first.to_string(), 2),
+            (second.to_string(), 1),
+            (second.to_string(), 2),
+            (second.to_string(), 3)
+        ],
+        "every change after the resume point, once, in order"
+    );
+    let parsed: Vec<(u64, i64)> = ids
+        .iter()
+        .map(|id| {
+            let (x, p) = id.split_once('.').unwrap();
+            (x.parse().unwrap(), p.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        parsed.windows(2).all(|w| w[0] < w[1]),
+        "ids follow the relay's order: {ids:?}"
+    );
+    let refused = reqwest::Client::new()
+        .get(format!("{}/stream", stack.query))
+        .bearer_auth(&viewer)
+        .header("last-event-id", "garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 422);
+}
+
+async fn next_change(events: &mut Events) -> (String, Value) {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.event == "change" {
+            let body: Value = serde_json::from_str(&event.data).unwrap();
+            return (event.id, body);
+        }
+    }
+}
