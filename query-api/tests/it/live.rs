@@ -142,8 +142,13 @@ async fn a_client_that_drops_and_resumes_sees_the_whole_stream_once() {
     assert_eq!(whole, (1..=last).collect::<Vec<_>>());
 }
 
-/// Reads concurrently with the writes: every sequence until the one `last` will name.
+/// Reads concurrently with the writes, as a real client does: every sequence until the one
+/// `last` will name, reconnecting from the position an `overflow` names (a loaded machine can
+/// make even a reading client fall behind).
 fn follow(
+    stack: std::sync::Arc<Stack>,
+    bearer: String,
+    session: Uuid,
     mut events: Events,
     mut last: tokio::sync::watch::Receiver<Option<i64>>,
 ) -> tokio::task::JoinHandle<Vec<i64>> {
@@ -157,9 +162,18 @@ fn follow(
             tokio::select! {
                 event = events.next() => {
                     let event = event.expect("the stream ended");
-                    assert_ne!(event.event, "overflow", "a reading client was dropped");
-                    if event.event == "message" {
-                        sequences.push(serde_json::from_str::<Value>(&event.data).unwrap()["sequence"].as_i64().unwrap());
+                    match event.event.as_str() {
+                        "message" => sequences.push(
+                            serde_json::from_str::<Value>(&event.data).unwrap()["sequence"].as_i64().unwrap(),
+                        ),
+                        "overflow" => {
+                            let resume = serde_json::from_str::<Value>(&event.data).unwrap()["resume_after"]
+                                .as_i64()
+                                .unwrap();
+                            assert_eq!(resume, sequences.last().copied().unwrap_or(0), "overflow names the last event sent");
+                            events = open(&stack, &bearer, session, Some(resume)).await;
+                        }
+                        _ => {}
                     }
                 }
                 _ = last.changed() => {}
@@ -182,6 +196,9 @@ async fn events_appended_during_catch_up_are_delivered_once_in_order() {
     let mut readers = Vec::new();
     for _ in 0..6 {
         readers.push(follow(
+            stack.clone(),
+            viewer.clone(),
+            session,
             open(&stack, &viewer, session, Some(0)).await,
             last_rx.clone(),
         ));
@@ -200,7 +217,8 @@ async fn events_appended_during_catch_up_are_delivered_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_with_a_resumable_position_and_slows_no_one() {
-    let stack = Stack::start().await;
+    // a small buffer, so that the client that never reads overflows quickly
+    let stack = std::sync::Arc::new(Stack::start_full(true, 2000, 32).await);
     let session = session(&stack).await;
     let viewer = token(Role::Viewer, "v", "w1");
     // the slow client connects and then never reads its body
@@ -210,38 +228,16 @@ async fn a_client_that_never_reads_is_closed_with_a_resumable_position_and_slows
         .send()
         .await
         .unwrap();
-    let mut fast = open(&stack, &viewer, session, None).await;
-    let history = until_live(&mut fast).await;
-    // the fast client reads while the events are written
-    let (last_tx, last_rx) = tokio::sync::oneshot::channel::<i64>();
-    let fast_reader = tokio::spawn(async move {
-        let mut sequences = history;
-        let mut last_rx = last_rx;
-        let mut last = None;
-        loop {
-            if let Some(last) = last
-                && sequences.last().copied() == Some(last)
-            {
-                return sequences;
-            }
-            tokio::select! {
-                event = fast.next() => {
-                    let event = event.expect("the fast client's stream ended");
-                    assert_ne!(event.event, "overflow", "the fast client was dropped");
-                    if event.event == "message" {
-                        sequences.push(serde_json::from_str::<Value>(&event.data).unwrap()["sequence"].as_i64().unwrap());
-                    }
-                }
-                value = &mut last_rx, if last.is_none() => last = Some(value.unwrap()),
-            }
-        }
-    });
+    // a client that reads while the events are written
+    let fast = open(&stack, &viewer, session, None).await;
+    let (last_tx, last_rx) = tokio::sync::watch::channel(None);
+    let fast_reader = follow(stack.clone(), viewer.clone(), session, fast, last_rx);
     let big = "x".repeat(60 * 1024);
     let last = prompts(&stack, session, 200, &big).await;
-    last_tx.send(last).unwrap();
+    last_tx.send(Some(last)).unwrap();
     let fast = tokio::time::timeout(Duration::from_secs(30), fast_reader)
         .await
-        .expect("the fast client was slowed")
+        .expect("the reading client was slowed")
         .unwrap();
     assert_eq!(fast, (1..=last).collect::<Vec<_>>());
 

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 pub(crate) const SECRET: &str = "query-api-test-secret-0123456789";
-/// Small, so that a client that never reads overflows quickly.
-pub(crate) const LIVE_BUFFER: usize = 32;
+/// Events a live client may have buffered (the production default).
+pub(crate) const LIVE_BUFFER: usize = 256;
 
 pub(crate) struct Stack {
     pub(crate) db: TestDb,
@@ -53,6 +53,15 @@ impl Stack {
 
     /// `projectors`: whether they run from the start; `consistency_ms`: the read-your-writes wait.
     pub(crate) async fn start_with(projectors: bool, consistency_ms: u64) -> Self {
+        Self::start_full(projectors, consistency_ms, LIVE_BUFFER).await
+    }
+
+    /// A stack whose live clients may buffer only `live_buffer` events.
+    pub(crate) async fn start_full(
+        projectors: bool,
+        consistency_ms: u64,
+        live_buffer: usize,
+    ) -> Self {
         let db = canopy_testkit::database().await.unwrap();
         let nats = canopy_testkit::nats().await.unwrap();
         let mut stops = Vec::new();
@@ -79,7 +88,7 @@ impl Stack {
         query.presence_prefix = format!("{}.presence", nats.prefix);
         query.presence_heartbeat_ms = 200;
         query.keep_alive_ms = 1000;
-        query.live_buffer = LIVE_BUFFER;
+        query.live_buffer = live_buffer;
         let app = canopy_query_api::build(query).await.unwrap();
         let query = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
