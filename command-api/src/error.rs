@@ -197,15 +197,9 @@ pub struct Problem {
     pub errors: Option<Vec<FieldError>>,
 }
 
-tokio::task_local! {
-    /// The id of the request being answered, set by the request-id middleware and read when an
-    /// error is rendered.
-    pub(crate) static REQUEST_ID: String;
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let request_id = REQUEST_ID.try_with(Clone::clone).ok();
+        let request_id = canopy_http::current_request_id();
         if let Self::Internal(error) = &self {
             tracing::error!(request_id = request_id.as_deref(), error = ?error, "internal error");
         }

@@ -24,23 +24,20 @@ mod validate;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
-use axum::response::Response;
 use canopy_auth::{AuthConfig, Verifier};
 use canopy_event_store::{AggregateStore, DbConfig, PgPool, RetryPolicy, StoreConfig};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use canopy_http::BearerAuth;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
@@ -195,7 +192,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             config.rate_limit_burst,
         )),
         idempotency_ttl: Duration::from_secs(config.idempotency_ttl_hours.max(24) * 3600),
-        metrics: metrics_handle(),
+        metrics: canopy_http::metrics_handle(),
     };
     let router = router(state.clone(), &config.cors_origins)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -266,17 +263,6 @@ async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
     )
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        let mut bearer = Http::new(HttpAuthScheme::Bearer);
-        bearer.bearer_format = Some("JWT".to_owned());
-        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
-    }
-}
 
 fn api_router() -> OpenApiRouter<AppState> {
     use routes::{features, ops, runner, sessions};
@@ -350,7 +336,7 @@ fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
-        .layer(axum::middleware::from_fn(observe))
+        .layer(axum::middleware::from_fn(canopy_http::observe))
         .layer(TraceLayer::new_for_http())
         .layer(cors)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -380,44 +366,4 @@ fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("idempotent-replayed"),
         ]))
-}
-
-/// Makes the request id available to error rendering and records request metrics.
-async fn observe(request: Request, next: Next) -> Response {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
-    let started = Instant::now();
-    let response = error::REQUEST_ID.scope(request_id, next.run(request)).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("canopy_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("canopy_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
-}
-
-/// One Prometheus recorder per process, shared by every app in it.
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new();
-            match builder.install_recorder() {
-                Ok(handle) => handle,
-                Err(error) => {
-                    tracing::warn!(%error, "a metrics recorder is already installed; /metrics shows only this app's own");
-                    PrometheusBuilder::new().build_recorder().handle()
-                }
-            }
-        })
-        .clone()
 }

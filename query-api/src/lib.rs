@@ -19,23 +19,20 @@ mod routes;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
-use axum::response::Response;
 use canopy_auth::{AuthConfig, Verifier};
 use canopy_event_store::{DbConfig, PgPool};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use canopy_http::BearerAuth;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
@@ -198,7 +195,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         pool,
         verifier: Arc::new(verifier),
         consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
-        metrics: metrics_handle(),
+        metrics: canopy_http::metrics_handle(),
         live,
         ticket_secret: config.jwt_secret.clone(),
         shutdown: shutdown_rx,
@@ -253,17 +250,6 @@ impl App {
     )
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        let mut bearer = Http::new(HttpAuthScheme::Bearer);
-        bearer.bearer_format = Some("JWT".to_owned());
-        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
-    }
-}
 
 fn api_router() -> OpenApiRouter<AppState> {
     use routes::{analytics, ops, read};
@@ -333,40 +319,9 @@ fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
-        .layer(axum::middleware::from_fn(observe))
+        .layer(axum::middleware::from_fn(canopy_http::observe))
         .layer(TraceLayer::new_for_http())
         .layer(cors)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
-}
-
-async fn observe(request: Request, next: Next) -> Response {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let started = Instant::now();
-    let response = error::REQUEST_ID.scope(request_id, next.run(request)).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("canopy_query_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("canopy_query_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
-}
-
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => handle,
-            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-        })
-        .clone()
 }
