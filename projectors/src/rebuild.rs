@@ -16,10 +16,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use canopy_relay::{Envelope, EnvelopeMetadata};
-use chrono::{DateTime, Utc};
+use canopy_relay::{Envelope, StoredEvent};
 use sqlx::{Acquire, PgConnection, PgPool};
-use uuid::Uuid;
 
 use crate::apply::{Fate, Positions, apply_tracked, lock_key, use_schema};
 use crate::projections::Projection;
@@ -301,33 +299,18 @@ pub(crate) struct Cursor {
     position: i64,
 }
 
-type EventRow = (
-    Uuid,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    serde_json::Value,
-    serde_json::Value,
-    i64,
-    String,
-    DateTime<Utc>,
-);
-
-/// Reads the projection's committed events after `cursor`, below the snapshot horizon.
 async fn read_events(
     conn: &mut PgConnection,
     projection: Projection,
     cursor: &Cursor,
     limit: Option<i64>,
 ) -> Result<Vec<(Cursor, Envelope)>, ProjectorError> {
-    let rows: Vec<EventRow> = sqlx::query_as(
+    let rows: Vec<StoredEvent> = sqlx::query_as(
         "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                metadata, position, transaction_id::text AS xid_text, recorded_at
+                metadata, position, transaction_id::text::bigint AS transaction_id, recorded_at
            FROM public.events
-          WHERE aggregate_type = $1 AND (transaction_id, position) > ($2::text::xid8, $3)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          WHERE aggregate_type = $1 AND (events.transaction_id, position) > ($2::text::xid8, $3)
+            AND events.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY events.transaction_id, events.position
           LIMIT $4",
     )
@@ -339,48 +322,15 @@ async fn read_events(
     .await?;
     rows.into_iter()
         .map(|row| {
-            let (
-                id,
-                aggregate_type,
-                aggregate_id,
-                sequence,
-                event_type,
-                version,
-                payload,
-                metadata,
-                position,
-                xid,
-                recorded_at,
-            ) = row;
-            let transaction_id: u64 = xid.parse().unwrap_or_default();
-            let data = match payload {
-                serde_json::Value::Object(mut tagged) if tagged.len() == 1 => tagged
-                    .remove(&event_type)
-                    .unwrap_or(serde_json::Value::Null),
-                other => other,
-            };
-            let metadata: EnvelopeMetadata = serde_json::from_value(metadata).map_err(|e| {
+            let id = row.event_id;
+            let envelope = Envelope::from_stored(row).map_err(|e| {
                 ProjectorError::Rebuild(format!("event {id} has unreadable metadata: {e}"))
             })?;
-            Ok((
-                Cursor {
-                    transaction_id,
-                    position,
-                },
-                Envelope {
-                    id,
-                    event_type,
-                    version,
-                    aggregate_type,
-                    aggregate_id,
-                    sequence,
-                    position,
-                    transaction_id,
-                    recorded_at,
-                    metadata,
-                    data,
-                },
-            ))
+            let cursor = Cursor {
+                transaction_id: envelope.transaction_id,
+                position: envelope.position,
+            };
+            Ok((cursor, envelope))
         })
         .collect()
 }

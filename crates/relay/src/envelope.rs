@@ -129,6 +129,45 @@ pub fn subject_token(value: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An event as stored in the event store, for consumers that read the store directly (a
+/// projection's rebuild, a stream's history): [`Envelope::from_stored`] gives them the very
+/// envelope the relay publishes for it. Select `transaction_id::text::bigint AS transaction_id`
+/// (and order by the table's `transaction_id`, not by that alias).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub position: i64,
+    pub transaction_id: i64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl Envelope {
+    /// The envelope of a stored event, exactly as the relay publishes it.
+    pub fn from_stored(event: StoredEvent) -> Result<Self, serde_json::Error> {
+        let data = untag(&event.payload, &event.event_type).clone();
+        Ok(Self {
+            id: event.event_id,
+            event_type: event.event_type,
+            version: event.event_version,
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            sequence: event.sequence,
+            position: event.position,
+            transaction_id: u64::try_from(event.transaction_id).unwrap_or_default(),
+            recorded_at: event.recorded_at,
+            metadata: serde_json::from_value(event.metadata)?,
+            data,
+        })
+    }
+}
+
 /// One stored event, as the relay reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct EventRow {

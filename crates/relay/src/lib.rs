@@ -89,7 +89,7 @@ mod stream;
 use serde::{Deserialize, Serialize};
 
 pub use config::RelayConfig;
-pub use envelope::{Envelope, EnvelopeMetadata, headers, subject, subject_token};
+pub use envelope::{Envelope, EnvelopeMetadata, StoredEvent, headers, subject, subject_token};
 pub use relay::{NOTIFY_CHANNEL, Relay, run};
 pub use republish::{Lag, RepublishReport, measure_lag, republish};
 pub use status::{RelayStatus, metric};

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use canopy_auth::Claims;
-use canopy_relay::{Envelope, EnvelopeMetadata};
+use canopy_relay::{Envelope, StoredEvent};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -515,9 +515,10 @@ async fn workspace_history(
     workspace: &str,
     after: Order,
 ) -> Result<Vec<Envelope>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT e.event_id, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata,
-                e.position, e.transaction_id::text AS xid_text, e.recorded_at
+    let rows: Vec<StoredEvent> = sqlx::query_as(
+        "SELECT e.event_id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                e.payload, e.metadata, e.position, e.transaction_id::text::bigint AS transaction_id,
+                e.recorded_at
            FROM events e
            JOIN events s ON s.aggregate_type = 'session' AND s.aggregate_id = e.aggregate_id AND s.sequence = 1
           WHERE e.aggregate_type = 'session'
@@ -532,7 +533,10 @@ async fn workspace_history(
     .bind(after.1)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().filter_map(envelope_of).collect())
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| Envelope::from_stored(row).ok())
+        .collect())
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -646,29 +650,15 @@ async fn follow(
     }
 }
 
-type Row = (
-    Uuid,
-    String,
-    i64,
-    String,
-    String,
-    serde_json::Value,
-    serde_json::Value,
-    i64,
-    String,
-    chrono::DateTime<chrono::Utc>,
-);
-
-/// A session's events after `after` (and before `before`), from the event store, as envelopes.
 async fn history(
     pool: &PgPool,
     session_id: Uuid,
     after: i64,
     before: Option<i64>,
 ) -> Result<Vec<Envelope>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT event_id, aggregate_id, sequence, event_type, event_version, payload, metadata, position,
-                transaction_id::text, recorded_at
+    let rows: Vec<StoredEvent> = sqlx::query_as(
+        "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+                position, transaction_id::text::bigint AS transaction_id, recorded_at
            FROM events
           WHERE aggregate_type = 'session' AND aggregate_id = $1 AND sequence > $2
             AND ($3::bigint IS NULL OR sequence < $3)
@@ -679,41 +669,8 @@ async fn history(
     .bind(before)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().filter_map(envelope_of).collect())
-}
-
-/// A stored session event as the relay's envelope.
-fn envelope_of(row: Row) -> Option<Envelope> {
-    let (
-        id,
-        aggregate_id,
-        sequence,
-        event_type,
-        version,
-        payload,
-        metadata,
-        position,
-        xid,
-        recorded_at,
-    ) = row;
-    let data = match payload {
-        serde_json::Value::Object(mut tagged) if tagged.len() == 1 => tagged
-            .remove(&event_type)
-            .unwrap_or(serde_json::Value::Null),
-        other => other,
-    };
-    let metadata: EnvelopeMetadata = serde_json::from_value(metadata).ok()?;
-    Some(Envelope {
-        id,
-        event_type,
-        version,
-        aggregate_type: "session".to_owned(),
-        aggregate_id,
-        sequence,
-        position,
-        transaction_id: xid.parse().unwrap_or_default(),
-        recorded_at,
-        metadata,
-        data,
-    })
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| Envelope::from_stored(row).ok())
+        .collect())
 }
