@@ -112,9 +112,7 @@ where
         }
         Err(error) => {
             // A refusal is an answer too: the same request gets it again.
-            let request_id = canopy_http::current_request_id();
-            let problem = serde_json::to_value(error.problem(request_id.as_deref()))
-                .map_err(ApiError::internal)?;
+            let problem = serde_json::to_value(error.problem()).map_err(ApiError::internal)?;
             idempotency::complete(&state.pool, &scope, key, error.status().as_u16(), &problem)
                 .await?;
             Err(error)

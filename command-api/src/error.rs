@@ -4,19 +4,11 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use canopy_domain::DomainError;
-use serde::Serialize;
-use utoipa::ToSchema;
 
-/// One invalid field of a request body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct FieldError {
-    /// JSON path of the field (`text`, `steps[3]`, or `.` for the body itself).
-    pub field: String,
-    pub message: String,
-}
+pub use canopy_http::{FieldError, Problem};
 
 /// Every error the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -139,26 +131,13 @@ impl ApiError {
         self.retry_after().is_some() || self.status().is_server_error()
     }
 
-    /// The problem+json body. 5xx bodies say nothing but the request id.
-    pub fn problem(&self, request_id: Option<&str>) -> Problem {
-        let status = self.status();
-        let detail = if status.is_server_error() {
-            None
-        } else {
-            Some(self.to_string())
+    /// The problem+json body of this error for the request being answered.
+    pub fn problem(&self) -> Problem {
+        let errors = match self {
+            Self::Validation(errors) => Some(errors.clone()),
+            _ => None,
         };
-        Problem {
-            problem_type: format!("urn:canopy:problem:{}", self.code()),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: status.as_u16(),
-            code: self.code().to_owned(),
-            detail,
-            request_id: request_id.map(str::to_owned),
-            errors: match self {
-                Self::Validation(errors) => Some(errors.clone()),
-                _ => None,
-            },
-        }
+        Problem::new(self.status(), self.code(), self.to_string(), errors)
     }
 }
 
@@ -179,43 +158,13 @@ fn domain_status(error: &DomainError) -> StatusCode {
     }
 }
 
-/// RFC 9457 problem details, with Canopy's stable `code`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Problem {
-    #[serde(rename = "type")]
-    pub problem_type: String,
-    pub title: String,
-    pub status: u16,
-    /// Stable, machine-readable error code.
-    pub code: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// The invalid fields, for `validation_failed`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub errors: Option<Vec<FieldError>>,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let request_id = canopy_http::current_request_id();
         if let Self::Internal(error) = &self {
+            let request_id = canopy_http::current_request_id();
             tracing::error!(request_id = request_id.as_deref(), error = ?error, "internal error");
         }
-        let problem = self.problem(request_id.as_deref());
-        let mut response = (self.status(), axum::Json(problem)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(retry_after) = self.retry_after() {
-            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
+        self.problem().into_response_with(self.retry_after())
     }
 }
 

@@ -29,18 +29,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::http::{HeaderName, HeaderValue, Method};
+use axum::http::{HeaderName, Method};
 use canopy_auth::{AuthConfig, Verifier};
 use canopy_event_store::{AggregateStore, DbConfig, PgPool, RetryPolicy, StoreConfig};
 use canopy_http::BearerAuth;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::cors::CorsLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use utoipa_swagger_ui::SwaggerUi;
 
 pub use auth::Caller;
 use error::ApiError;
@@ -312,45 +309,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {
     let (api, openapi) = api_router().split_for_parts();
-    let document = axum::body::Bytes::from(
-        serde_json::to_vec(&openapi).context("serialize the OpenAPI document")?,
-    );
-    let cors = cors(cors_origins)?;
-    let request_id = HeaderName::from_static("x-request-id");
-    Ok(api
-        .route(
-            "/openapi.json",
-            // Serialized once and shared: the router (and this handler) is cloned per
-            // connection, and a captured document would be copied with it (about 1 MiB each).
-            axum::routing::get(move || {
-                let document = document.clone();
-                async move {
-                    (
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        document,
-                    )
-                }
-            }),
-        )
-        .merge(SwaggerUi::new("/docs"))
-        .fallback(|| async { ApiError::RouteNotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state)
-        .layer(axum::middleware::from_fn(canopy_http::observe))
-        .layer(TraceLayer::new_for_http())
-        .layer(cors)
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
-}
-
-fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
-    let origins = origins
-        .iter()
-        .filter(|o| !o.trim().is_empty())
-        .map(|o| HeaderValue::from_str(o.trim()).with_context(|| format!("CORS origin {o}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
+    let cors = CorsLayer::new()
+        .allow_origin(canopy_http::cors_origins(cors_origins)?)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([
             axum::http::header::AUTHORIZATION,
@@ -365,5 +325,10 @@ fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
             axum::http::header::RETRY_AFTER,
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("idempotent-replayed"),
-        ]))
+        ]);
+    let api = api
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state);
+    canopy_http::finish_router(api, &openapi, cors)
 }

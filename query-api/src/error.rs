@@ -3,17 +3,10 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
 
-/// One invalid query parameter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
+pub use canopy_http::{FieldError, Problem};
 
 /// Every error query-api answers with.
 #[derive(Debug, thiserror::Error)]
@@ -86,52 +79,17 @@ impl ApiError {
     }
 }
 
-/// RFC 9457 problem details with Canopy's stable `code`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Problem {
-    #[serde(rename = "type")]
-    pub problem_type: String,
-    pub title: String,
-    pub status: u16,
-    pub code: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub errors: Option<Vec<FieldError>>,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let request_id = canopy_http::current_request_id();
         if let Self::Internal(error) = &self {
+            let request_id = canopy_http::current_request_id();
             tracing::error!(request_id = request_id.as_deref(), error = ?error, "internal error");
         }
-        let status = self.status();
-        let problem = Problem {
-            problem_type: format!("urn:canopy:problem:{}", self.code()),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: status.as_u16(),
-            code: self.code().to_owned(),
-            detail: (!status.is_server_error()).then(|| self.to_string()),
-            request_id,
-            errors: match &self {
-                Self::Validation(errors) => Some(errors.clone()),
-                _ => None,
-            },
+        let errors = match &self {
+            Self::Validation(errors) => Some(errors.clone()),
+            _ => None,
         };
-        let mut response = (status, axum::Json(problem)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(retry) = self.retry_after() {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry.as_secs().max(1)),
-            );
-        }
-        response
+        Problem::new(self.status(), self.code(), self.to_string(), errors)
+            .into_response_with(self.retry_after())
     }
 }

@@ -1,16 +1,130 @@
-//! HTTP plumbing both APIs share, so that it is written once: the id of the request being
-//! answered (for error bodies and logs), request metrics, the process's Prometheus recorder, and
-//! the bearer-token security scheme of their OpenAPI documents. Each API keeps its own error
-//! type and status table.
+//! HTTP plumbing both APIs share, so that it is written once: RFC 9457 problem bodies, the id of
+//! the request being answered, request metrics, the process's Prometheus recorder, the layers
+//! and documentation routes every API router ends with, and the bearer-token security scheme of
+//! their OpenAPI documents. Each API keeps its own error type and its table from error to status
+//! and code.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use axum::Router;
 use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::ToSchema;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa_swagger_ui::SwaggerUi;
+
+/// One invalid field of a request (a JSON path such as `text` or `steps[3]`, or a query
+/// parameter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// RFC 9457 problem details, with Canopy's stable `code`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable, machine-readable error code.
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The id of the request, to find its log lines (the only content of a 5xx body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The invalid fields, for `validation_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+impl Problem {
+    /// The problem for the request being answered. A 5xx carries no detail: internals stay in
+    /// the log.
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        detail: String,
+        errors: Option<Vec<FieldError>>,
+    ) -> Self {
+        Self {
+            problem_type: format!("urn:canopy:problem:{code}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            code: code.to_owned(),
+            detail: (!status.is_server_error()).then_some(detail),
+            request_id: current_request_id(),
+            errors,
+        }
+    }
+
+    /// The `application/problem+json` response, with `Retry-After` when retrying can help.
+    pub fn into_response_with(self, retry_after: Option<Duration>) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, axum::Json(self)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(retry_after) = retry_after {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// An allow-list of CORS origins from configuration (empty entries are ignored).
+pub fn cors_origins(origins: &[String]) -> anyhow::Result<AllowOrigin> {
+    let origins = origins
+        .iter()
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| HeaderValue::from_str(o.trim()).with_context(|| format!("CORS origin {o}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(AllowOrigin::list(origins))
+}
+
+/// What every API router ends with: `/openapi.json` and the `/docs` page, then the request-id,
+/// CORS, tracing and [`observe`] layers.
+pub fn finish_router(
+    router: Router,
+    openapi: &utoipa::openapi::OpenApi,
+    cors: CorsLayer,
+) -> anyhow::Result<Router> {
+    // Serialized once and shared: the router (and this handler) is cloned per connection, and a
+    // captured document would be copied with it (about 1 MiB each).
+    let document = axum::body::Bytes::from(
+        serde_json::to_vec(openapi).context("serialize the OpenAPI document")?,
+    );
+    let request_id = HeaderName::from_static("x-request-id");
+    Ok(router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], document) }
+            }),
+        )
+        .merge(SwaggerUi::new("/docs"))
+        .layer(axum::middleware::from_fn(observe))
+        .layer(TraceLayer::new_for_http())
+        .layer(cors)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
+}
 
 tokio::task_local! {
     /// The `x-request-id` of the request being answered, set by [`observe`].
