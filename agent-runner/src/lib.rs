@@ -1,4 +1,418 @@
-//! Canopy agent-runner: workers that drive OpenCode in a sandbox and record what happens through command-api.
+//! Canopy agent-runner: workers that turn prompts into real work by OpenCode in a sandbox.
 //!
-//! Not built yet: this crate is a placeholder in the workspace layout; the issue that builds it
-//! replaces this file with the service's `build(config) -> App`.
+//! - [`consumer`]: one durable JetStream pull consumer over every session's events (one
+//!   wildcard filter, explicit ack). A message is only a wake-up: the session's driver reads the
+//!   session from the event store before it acts, so a redelivered, stale or out-of-order message
+//!   never repeats work and a gap is filled from the store, never waited for.
+//! - [`lease`]: one driver per session across runners, by a lease row in Postgres (owner,
+//!   expiry, renewed while working). When a runner dies another takes the session over once the
+//!   lease has expired.
+//! - [`supervisor`]: this runner's drivers (bounded by `max_sessions`), the expired-lease sweep,
+//!   and the wake-ups between runners.
+//! - [`driver`]: one session's loop: start the prompt heading the queue, plan with OpenCode's
+//!   `plan` agent, wait for a person's decision, build with the `build` agent under the tool
+//!   gate, commit a checkpoint authored as the prompting person, complete; and the people's
+//!   checkpoint, restore and push requests.
+//! - [`record`]: every fact goes to command-api with the runner token and an idempotency key
+//!   derived from what it records, so retries and takeovers record nothing twice.
+//! - [`redact`]: tool inputs and outputs lose secrets and are cut to a bounded size.
+//!
+//! `build(config)` connects and binds the status endpoint; [`App::run_until`] works until the
+//! shutdown future resolves, then drains: drivers finish their current step and hand their
+//! sessions back.
+
+pub mod consumer;
+pub mod driver;
+pub mod lease;
+pub mod plan_text;
+pub mod record;
+pub mod redact;
+pub mod supervisor;
+pub mod turn;
+pub mod view;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use canopy_event_store::{DbConfig, PgPool};
+use canopy_sandbox::{
+    BubblewrapConfig, BubblewrapProvider, ModelUpstream, SandboxManager, SandboxProvider,
+};
+
+pub use supervisor::Supervisor;
+
+/// The agent runner's own settings (flags or `CANOPY_RUNNER_*` / `CANOPY_MODEL_*` variables).
+/// Where to find the database, NATS and command-api is given separately ([`Connections`]), so
+/// `canopy up` can share them with the other services.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "agent_runner")]
+#[command(next_help_heading = "Agent runner")]
+pub struct Config {
+    /// This runner's name in leases (defaults to `<hostname>-<pid>`); unique per process.
+    #[arg(long, env = "CANOPY_RUNNER_ID")]
+    pub runner_id: Option<String>,
+    /// Address of the runner's status endpoint (`/health`).
+    #[arg(
+        long = "runner-listen",
+        env = "CANOPY_RUNNER_ADDR",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub status_listen: SocketAddr,
+    /// Sessions one runner drives at once.
+    #[arg(long, env = "CANOPY_RUNNER_MAX_SESSIONS", default_value_t = 8)]
+    pub max_sessions: usize,
+    /// Seconds a lease lasts without renewal; another runner takes a session over after it.
+    #[arg(long, env = "CANOPY_RUNNER_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
+    /// The durable consumer's name (shared by every runner).
+    #[arg(
+        long,
+        env = "CANOPY_RUNNER_CONSUMER",
+        default_value = "canopy-agent-runner"
+    )]
+    pub consumer_name: String,
+    /// OpenAI-compatible base URL of the model, up to `/v1`. Unset: a built-in scripted demo
+    /// model.
+    #[arg(long, env = "CANOPY_MODEL_BASE_URL")]
+    pub model_base_url: Option<String>,
+    /// The model id to ask for.
+    #[arg(long, env = "CANOPY_MODEL_ID", default_value = "scripted")]
+    pub model_id: String,
+    /// The provider's API key; it stays in the host-side model proxy.
+    #[arg(
+        long,
+        env = "CANOPY_MODEL_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub model_api_key: String,
+    /// Where sandboxes live; it and its parents must be root's (default
+    /// `/var/lib/canopy/sandboxes`, or `sandboxes` in `canopy up`'s data folder).
+    #[arg(long, env = "CANOPY_SANDBOX_ROOT")]
+    pub sandbox_root: Option<PathBuf>,
+    /// Seconds a sandbox stays up with nothing to do.
+    #[arg(long, env = "CANOPY_SANDBOX_IDLE_SECONDS", default_value_t = 300)]
+    pub sandbox_idle_seconds: u64,
+    /// Workspaces whose agents run bash without asking a person (all others ask).
+    #[arg(
+        long,
+        env = "CANOPY_RUNNER_BASH_ALLOW_WORKSPACES",
+        value_delimiter = ','
+    )]
+    pub bash_allow_workspaces: Vec<String>,
+    /// Plans a prompt may have rejected before it ends.
+    #[arg(long, env = "CANOPY_RUNNER_MAX_PLAN_ROUNDS", default_value_t = 3)]
+    pub max_plan_rounds: usize,
+    /// Model calls in one turn.
+    #[arg(long, env = "CANOPY_RUNNER_MAX_STEPS", default_value_t = 50)]
+    pub max_steps: usize,
+    /// Seconds of agent work per turn, not counting time waiting for people.
+    #[arg(long, env = "CANOPY_RUNNER_AGENT_SECONDS", default_value_t = 900)]
+    pub agent_seconds: u64,
+    /// Seconds without any sign of life from the agent before its turn is stopped.
+    #[arg(long, env = "CANOPY_RUNNER_INACTIVITY_SECONDS", default_value_t = 120)]
+    pub inactivity_seconds: u64,
+    /// Seconds a plan or tool approval may wait for a person before the prompt fails.
+    #[arg(long, env = "CANOPY_RUNNER_APPROVAL_SECONDS", default_value_t = 86_400)]
+    pub approval_seconds: u64,
+    /// Repository URL schemes sandboxes may clone and push (`file` only for development).
+    #[arg(
+        long,
+        env = "CANOPY_RUNNER_GIT_SCHEMES",
+        value_delimiter = ',',
+        default_value = "https"
+    )]
+    pub git_schemes: Vec<String>,
+    /// User name for pushes (with CANOPY_GIT_PASSWORD); never given to a sandbox.
+    #[arg(long, env = "CANOPY_GIT_USERNAME")]
+    pub git_username: Option<String>,
+    #[arg(long, env = "CANOPY_GIT_PASSWORD", hide_env_values = true)]
+    pub git_password: Option<String>,
+    /// Largest recorded tool input or output, in bytes (the full size is noted).
+    #[arg(long, env = "CANOPY_RUNNER_TOOL_OUTPUT_BYTES", default_value_t = 8 * 1024)]
+    pub tool_output_bytes: usize,
+    /// Seconds to finish in-flight work after a stop signal before handing sessions back.
+    #[arg(long, env = "CANOPY_RUNNER_DRAIN_SECONDS", default_value_t = 30)]
+    pub drain_seconds: u64,
+}
+
+impl Config {
+    /// Defaults, for tests and embedding.
+    pub fn defaults() -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        Defaults::parse_from(["agent-runner"]).config
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_seconds.max(2))
+    }
+
+    pub fn approval_timeout(&self) -> Duration {
+        Duration::from_secs(self.approval_seconds)
+    }
+}
+
+/// Where the runner finds the rest of the system.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    pub database_url: String,
+    pub nats_url: String,
+    /// The relay's stream and subject prefix.
+    pub stream_name: String,
+    pub subject_prefix: String,
+    /// command-api's base URL, e.g. `http://127.0.0.1:8080`.
+    pub command_api_url: String,
+    /// A `runner` token for command-api. All runners must use the same subject, so that their
+    /// idempotency keys share one scope.
+    pub runner_token: String,
+}
+
+/// What the drivers share.
+#[derive(Debug)]
+pub struct Ctx {
+    pub config: Config,
+    pub runner_id: String,
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub connections: Connections,
+    pub recorder: record::Recorder,
+    pub sandboxes: Arc<SandboxManager>,
+    /// The OpenCode provider and model prompts name.
+    pub model: canopy_opencode::ModelRef,
+    /// The subject runners wake each other on (`<prefix>-wake.<session>`).
+    pub wake_prefix: String,
+    /// Sessions whose sandbox this runner started and has not seen stop.
+    started_sandboxes: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+}
+
+impl Ctx {
+    /// How this runner's sandbox of `session` is named in `SandboxStarted`/`SandboxStopped`:
+    /// unique per runner, so a takeover can tell a dead runner's sandbox from its own.
+    pub fn sandbox_name(&self, session: uuid::Uuid) -> String {
+        format!("{session}@{}", self.runner_id)
+    }
+
+    /// Literal secrets no recorded text may contain.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![
+            self.config.model_api_key.clone(),
+            self.connections.runner_token.clone(),
+        ];
+        secrets.extend(self.config.git_password.clone());
+        secrets
+    }
+
+    pub(crate) fn remember_sandbox(&self, session: uuid::Uuid) {
+        self.started_sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session);
+    }
+
+    pub(crate) fn forget_sandbox(&self, session: uuid::Uuid) -> bool {
+        self.started_sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&session)
+    }
+
+    /// Records that this runner's sandbox of `session` stopped, if the session says it runs.
+    pub(crate) async fn record_sandbox_stopped(&self, session: uuid::Uuid, reason: &str) {
+        self.forget_sandbox(session);
+        let mut view = view::SessionView::new(session);
+        if let Err(error) = view.refresh(&self.pool).await {
+            tracing::warn!(%error, %session, "cannot read the session to record its sandbox stop");
+            return;
+        }
+        let mine = self.sandbox_name(session);
+        if view.session.sandbox_id() != Some(mine.as_str()) {
+            return;
+        }
+        let key = format!(
+            "sandbox-stopped:{session}:{}",
+            view.sandbox_started_at.unwrap_or_default()
+        );
+        let body = serde_json::json!({ "sandbox_id": mine, "reason": reason });
+        if let Err(error) = self
+            .recorder
+            .post(session, "sandbox/stopped", &key, &body)
+            .await
+        {
+            tracing::warn!(%error, %session, "cannot record the sandbox stop");
+        }
+    }
+
+    /// Stops every sandbox this runner started and records it (at shutdown).
+    pub(crate) async fn stop_sandboxes(&self) {
+        let sessions: Vec<uuid::Uuid> = self
+            .started_sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for session in sessions {
+            if let Err(error) = self.sandboxes.provider().stop(&session.to_string()).await {
+                tracing::warn!(%error, %session, "cannot stop the sandbox");
+            }
+            self.record_sandbox_stopped(session, "the runner stopped")
+                .await;
+        }
+    }
+}
+
+/// A built runner: connected, listening for status requests, not yet working.
+#[derive(Debug)]
+pub struct App {
+    listener: tokio::net::TcpListener,
+    ctx: Arc<Ctx>,
+    /// The built-in scripted model, when no model is configured.
+    _demo_model: Option<canopy_scripted_model::ModelServer>,
+}
+
+/// The provider id sandboxes know the model by.
+pub const MODEL_PROVIDER_ID: &str = "canopy";
+
+/// Connects to the database and NATS, prepares the sandbox provider (and the demo model when no
+/// model is configured) and binds the status endpoint.
+pub async fn build(config: Config, connections: Connections) -> anyhow::Result<App> {
+    let mut db = DbConfig::new(&connections.database_url);
+    db.max_connections = (config.max_sessions as u32).clamp(4, 64) + 4;
+    db.application_name = "canopy-agent-runner".to_owned();
+    let pool = canopy_event_store::connect(&db)
+        .await
+        .context("connect to the database")?;
+    let nats = async_nats::connect(&connections.nats_url)
+        .await
+        .context("connect to NATS")?;
+    let (upstream, demo_model) = match &config.model_base_url {
+        Some(url) => (
+            ModelUpstream {
+                base_url: url.trim_end_matches('/').to_owned(),
+                api_key: config.model_api_key.clone(),
+            },
+            None,
+        ),
+        None => {
+            let server =
+                canopy_scripted_model::ModelServer::start(canopy_scripted_model::demo_script())
+                    .await
+                    .context("start the built-in demo model")?;
+            tracing::warn!(
+                url = %server.base_url(),
+                "no model configured (CANOPY_MODEL_BASE_URL): agents use the built-in scripted demo model"
+            );
+            (
+                ModelUpstream {
+                    base_url: server.base_url(),
+                    api_key: String::new(),
+                },
+                Some(server),
+            )
+        }
+    };
+    let sandbox_root = std::path::absolute(
+        config
+            .sandbox_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/canopy/sandboxes")),
+    )
+    .context("sandbox root")?;
+    let mut sandbox_config = BubblewrapConfig::new(sandbox_root, upstream);
+    sandbox_config.clone.allowed_schemes = config.git_schemes.clone();
+    let provider = tokio::task::block_in_place(|| BubblewrapProvider::new(sandbox_config))
+        .context("prepare the sandboxes (they need root, bwrap, socat and setpriv)")?;
+    let provider: Arc<dyn SandboxProvider> = Arc::new(provider);
+    let sandboxes = SandboxManager::new(
+        provider,
+        Duration::from_secs(config.sandbox_idle_seconds.max(1)),
+    );
+    let runner_id = config.runner_id.clone().unwrap_or_else(default_runner_id);
+    let recorder = record::Recorder::new(&connections.command_api_url, &connections.runner_token)?;
+    let listener = tokio::net::TcpListener::bind(config.status_listen)
+        .await
+        .with_context(|| format!("bind {}", config.status_listen))?;
+    let wake_prefix = format!("{}-wake", connections.subject_prefix);
+    let ctx = Arc::new(Ctx {
+        model: canopy_opencode::ModelRef::new(MODEL_PROVIDER_ID, &config.model_id),
+        config,
+        runner_id,
+        pool,
+        nats,
+        connections,
+        recorder,
+        sandboxes,
+        wake_prefix,
+        started_sandboxes: std::sync::Mutex::default(),
+    });
+    Ok(App {
+        listener,
+        ctx,
+        _demo_model: demo_model,
+    })
+}
+
+impl App {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn runner_id(&self) -> &str {
+        &self.ctx.runner_id
+    }
+
+    /// Works until `shutdown` resolves, then drains: stops taking sessions, lets every driver
+    /// finish its current step (for at most the drain time) and hands the sessions back.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let supervisor = Supervisor::new(self.ctx.clone());
+        let status = {
+            let supervisor = supervisor.clone();
+            let router = axum::Router::new().route(
+                "/health",
+                axum::routing::get(move || {
+                    let supervisor = supervisor.clone();
+                    async move { axum::Json(supervisor.status().await) }
+                }),
+            );
+            let (stop_status, stopped) = tokio::sync::oneshot::channel::<()>();
+            let serve = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            (tokio::spawn(async move { serve.await }), stop_status)
+        };
+        let result = supervisor.run_until(shutdown).await;
+        let _ = status.1.send(());
+        let _ = status.0.await;
+        result
+    }
+}
+
+fn default_runner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "runner".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The service name every runner's token carries: one idempotency scope for all runners.
+pub const RUNNER_SUBJECT: &str = "agent-runner";
+
+/// A runner token signed with the HS256 `secret`, valid for a year.
+pub fn mint_runner_token(secret: &str) -> anyhow::Result<String> {
+    let claims = canopy_auth::Claims::runner(RUNNER_SUBJECT, chrono::Duration::days(365));
+    canopy_auth::mint_hs256(secret, &claims).context("mint the runner token")
+}

@@ -279,6 +279,33 @@ async fn people_are_rate_limited_with_retry_after() {
 }
 
 #[tokio::test]
+async fn the_runner_is_not_held_to_the_per_person_rate_limit() {
+    let app = TestApp::start_with(|config| {
+        config.rate_limit_per_second = 1;
+        config.rate_limit_burst = 3;
+    })
+    .await;
+    let member = token(Role::Member, "m1");
+    let session = app.start_session(&member).await;
+    let prompt = app.submit_prompt(&member, session).await;
+    app.runner(
+        &format!("/runner/sessions/{session}/prompts/{prompt}/start"),
+        json!({}),
+    )
+    .await
+    .expect(202);
+    // Far past a person's burst: an agent reports every tool call and message.
+    for n in 0..40 {
+        app.runner(
+            &format!("/runner/sessions/{session}/messages"),
+            json!({"prompt_id": prompt, "message_id": format!("msg_{n}"), "text": "working"}),
+        )
+        .await
+        .expect(202);
+    }
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_are_problems_and_5xx_hide_internals() {
     let app = TestApp::start().await;
     let owner = token(Role::Owner, "owner");

@@ -59,6 +59,8 @@ pub struct UpArgs {
     pub command_api: canopy_command_api::Config,
     #[command(flatten)]
     pub projectors: canopy_projectors::ProjectorsConfig,
+    #[command(flatten)]
+    pub runner: canopy_agent_runner::Config,
 }
 
 #[derive(Debug, clap::Args)]

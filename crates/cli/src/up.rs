@@ -3,8 +3,9 @@
 //! Uses the configured database and NATS when there are; otherwise starts an embedded
 //! PostgreSQL and nats-server (the installed binaries, data in the project's data folder,
 //! surviving restarts) that stop when this process does. Then runs command-api (which applies
-//! the migrations), the relay, the projectors and query-api in this one process, and prints what a
-//! developer needs: the URLs and a dev token per role.
+//! the migrations), the relay, the projectors, query-api (with live streams) and the agent runner
+//! (with the built-in demo model unless a model is configured) in this one process, and prints
+//! what a developer needs: the URLs and a dev token per role.
 
 use std::time::Duration;
 
@@ -57,6 +58,9 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     query_config.jwt_secret = secret.clone();
     query_config.jwt_rs256_public_key_file = config.jwt_rs256_public_key_file.clone();
     query_config.cors_origins = config.cors_origins.clone();
+    // Live streams follow the same events the relay publishes.
+    query_config.nats_url = Some(nats_url.clone());
+    query_config.subject_prefix = args.projectors.subject_prefix.clone();
     let app = canopy_command_api::build(config)
         .await
         .context("start command-api")?;
@@ -73,7 +77,33 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         pool.clone(),
         nats.clone(),
     );
+    let connections = canopy_agent_runner::Connections {
+        database_url: database_url.clone(),
+        nats_url: nats_url.clone(),
+        stream_name: args.projectors.stream_name.clone(),
+        subject_prefix: args.projectors.subject_prefix.clone(),
+        command_api_url: format!("http://{addr}"),
+        runner_token: canopy_agent_runner::mint_runner_token(&secret)?,
+    };
     let projectors = canopy_projectors::Projectors::new(args.projectors, pool.clone(), nats);
+    let mut runner_config = args.runner;
+    if runner_config.sandbox_root.is_none() {
+        runner_config.sandbox_root = Some(std::path::absolute(args.data_dir.join("sandboxes"))?);
+    }
+    // Sandboxes need root: a normal user gets the rest of the stack and a clear word why agents
+    // do not run; for root a runner that cannot start stops everything.
+    let runner = match canopy_agent_runner::build(runner_config, connections).await {
+        Ok(runner) => Some(runner),
+        Err(error) if !rustix::process::geteuid().is_root() => {
+            tracing::warn!(error = format!("{error:#}"), "agent runner off");
+            None
+        }
+        Err(error) => {
+            return Err(error).context(
+                "start the agent runner (its sandboxes need root, bwrap, socat and setpriv)",
+            );
+        }
+    };
 
     say(&format!("database:     {database_url}"))?;
     say(&format!("nats:         {nats_url}"))?;
@@ -82,6 +112,15 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     say(&format!("  openapi:    http://{addr}/openapi.json"))?;
     say(&format!("query-api:    http://{query_addr}"))?;
     say(&format!("  docs:       http://{query_addr}/docs/"))?;
+    match &runner {
+        Some(runner) => say(&format!(
+            "agent runner: http://{}/health",
+            runner.local_addr()
+        ))?,
+        None => say(
+            "agent runner: off (sandboxes need root: run canopy up as root for agents to work)",
+        )?,
+    }
     say("dev tokens (24 h), workspace dev-workspace:")?;
     for role in [
         RoleArg::Owner,
@@ -118,7 +157,23 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     let relay_task = tokio::spawn(async move { relay.run_until(relay_stop).await });
     let projectors_stop = stopped(&stop);
     let projectors_task = tokio::spawn(async move { projectors.run_until(projectors_stop).await });
+    // The runner drains first: it still records through command-api while it hands back.
+    let (stop_runner, runner_stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner_task = tokio::spawn(async move {
+        match runner {
+            Some(runner) => {
+                runner
+                    .run_until(async {
+                        let _ = runner_stopped.await;
+                    })
+                    .await
+            }
+            None => Ok(()),
+        }
+    });
     shutdown_signal().await;
+    let _ = stop_runner.send(());
+    runner_task.await?.context("agent runner")?;
     let _ = stop.send(());
     api.await?.context("command-api")?;
     query_task.await?.context("query-api")?;

@@ -36,5 +36,5 @@ pub use types::{
     Agent, CreateSession, Health, MessageError, MessageInfo, MessageTime, MessageWithParts,
     ModelRef, Part, PartRef, PatchPart, PermissionAction, PermissionReply, PermissionRequest,
     PermissionRule, PermissionTool, Prompt, PromptPart, Role, Session, SessionStatus, SessionTime,
-    StepFinishPart, TextPart, Tokens, ToolPart, ToolState,
+    StepFinishPart, TextPart, Tokens, ToolPart, ToolState, ToolTime,
 };

@@ -374,6 +374,9 @@ pub struct StepFinishPart {
     pub reason: Option<String>,
     #[serde(default)]
     pub tokens: Option<Tokens>,
+    /// What the step cost, in US dollars, as the provider's pricing says (0 when unknown).
+    #[serde(default)]
+    pub cost: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -419,15 +422,37 @@ pub enum ToolState {
         title: Option<String>,
         #[serde(default)]
         metadata: Option<Value>,
+        #[serde(default)]
+        time: ToolTime,
     },
     Error {
         #[serde(default)]
         input: Value,
         #[serde(default)]
         error: String,
+        #[serde(default)]
+        time: ToolTime,
     },
     #[serde(other)]
     Unknown,
+}
+
+/// When a tool call started and ended, epoch milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct ToolTime {
+    #[serde(default)]
+    pub start: i64,
+    #[serde(default)]
+    pub end: Option<i64>,
+}
+
+impl ToolTime {
+    /// How long the call ran (0 when unknown).
+    pub fn duration_ms(&self) -> u64 {
+        self.end
+            .map(|end| u64::try_from(end - self.start).unwrap_or(0))
+            .unwrap_or(0)
+    }
 }
 
 impl ToolState {

@@ -3,7 +3,7 @@
 //! The view: `/usr` (and the merged-usr links), a synthetic `/etc`, the OpenCode binary, the
 //! workspace, a home, `/run/canopy` (where the sandbox creates `opencode.sock`), a read-only
 //! `/run/canopy-host` (the model proxy's socket), a size-capped `/tmp`, its own `/proc` and
-//! `/dev`. Never `/`, never the host's `/proc`, home or other sandboxes. `--remount-ro /` comes
+//! `/dev`, and the tool shell guard with its limits (`/opt/canopy`). Never `/`, never the host's `/proc`, home or other sandboxes. `--remount-ro /` comes
 //! last, or the root tmpfs stays writable. Every namespace is unshared, the network included,
 //! and nested user namespaces are disabled. Nothing secret is ever an argument: the whole argv
 //! is readable at `/proc/1/cmdline` inside. With egress allowed, a third bridge serves the
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::egress::EgressPolicy;
 use crate::limits::{Cgroup, Limits};
+use crate::tool_shell::ToolShellLimits;
 
 /// Where a sandbox's directories are on the host, under the provider's root.
 #[derive(Debug, Clone)]
@@ -30,14 +31,24 @@ pub(crate) struct Layout {
     pub(crate) host: PathBuf,
     /// Root's, mode 0700, not in the sandbox: the runner's end of the OpenCode bridge.
     pub(crate) control: PathBuf,
-    /// Root's, read-only inside: the synthetic `/etc` files and the tool shell.
+    /// Root's, read-only inside: the synthetic `/etc` files and the tool shell's limits.
     pub(crate) etc: PathBuf,
+}
+
+/// The binaries bound into every sandbox, staged where sandbox uids can read them.
+#[derive(Debug, Clone)]
+pub(crate) struct Binaries {
+    pub(crate) opencode: PathBuf,
+    /// `canopy-sandbox-shell`, the guard of every tool command.
+    pub(crate) shell: PathBuf,
 }
 
 pub(crate) const SANDBOX_WORKSPACE: &str = "/workspace";
 const SANDBOX_HOME: &str = "/home/sandbox";
 pub(crate) const OPENCODE_SOCKET: &str = "opencode.sock";
 pub(crate) const MODEL_SOCKET: &str = "model.sock";
+/// OpenCode's API password, in the host directory from the start until OpenCode is healthy.
+pub(crate) const PASSWORD_FILE: &str = "opencode-password";
 /// OpenCode's port inside the sandbox's own network namespace.
 const OPENCODE_PORT: u16 = 4096;
 /// The in-sandbox end of the model bridge.
@@ -46,6 +57,8 @@ pub(crate) const MODEL_PORT: u16 = 8080;
 pub(crate) const EGRESS_SOCKET: &str = "egress.sock";
 pub(crate) const EGRESS_PORT: u16 = 3128;
 const TOOL_SHELL: &str = "/opt/canopy/bin/bash";
+/// The guard's limits under [`Layout::etc`], bound at [`ToolShellLimits::PATH`].
+const SHELL_LIMITS: &str = "shell.conf";
 /// A command gets SIGXCPU at its CPU budget and SIGKILL this much later (a soft limit equal to
 /// the hard one would mean SIGKILL at once, indistinguishable from the OOM killer).
 const CPU_GRACE_SECONDS: u64 = 5;
@@ -70,10 +83,11 @@ impl Layout {
         limits: &Limits,
         memory_cgroup: bool,
     ) -> Vec<(&'static str, String)> {
-        let address_space = if memory_cgroup {
-            String::new()
-        } else {
-            format!("ulimit -v {}\n", limits.command_address_space_bytes / 1024)
+        let shell = ToolShellLimits {
+            cpu_soft_seconds: limits.command_cpu_seconds,
+            cpu_hard_seconds: limits.command_cpu_seconds + CPU_GRACE_SECONDS,
+            address_space_bytes: (!memory_cgroup).then_some(limits.command_address_space_bytes),
+            denied_tcp_ports: vec![OPENCODE_PORT, MODEL_PORT],
         };
         vec![
             (
@@ -88,17 +102,9 @@ impl Layout {
                 "passwd: files\ngroup: files\nhosts: files\n".to_owned(),
             ),
             ("hosts", "127.0.0.1 localhost\n::1 localhost\n".to_owned()),
-            // The shell OpenCode's bash tool runs commands with: each command gets its own CPU
-            // budget, which the long-lived server must not share.
-            (
-                "tool-shell",
-                format!(
-                    // Soft first: a hard limit below the inherited soft one is EINVAL.
-                    "#!/bin/bash\nulimit -S -t {}\nulimit -H -t {}\n{address_space}exec /bin/bash \"$@\"\n",
-                    limits.command_cpu_seconds,
-                    limits.command_cpu_seconds + CPU_GRACE_SECONDS
-                ),
-            ),
+            // The limits of the guard OpenCode's bash tool runs commands with: each command gets
+            // its own CPU budget, which the long-lived server must not share.
+            (SHELL_LIMITS, shell.render()),
         ]
     }
 }
@@ -108,8 +114,8 @@ impl Layout {
 pub(crate) enum Inner<'a> {
     /// The two socat bridges and `opencode serve`.
     OpenCode { config_json: &'a str },
-    /// `/bin/bash -c script`.
-    Script(&'a str),
+    /// `/bin/bash -c script bash args…` (the arguments are `$1`…, never shell text).
+    Script { script: &'a str, args: &'a [String] },
 }
 
 /// The full command: join the cgroup, set rlimits, drop to the uid, bwrap. Run with an empty
@@ -117,7 +123,7 @@ pub(crate) enum Inner<'a> {
 pub(crate) fn command_line(
     layout: &Layout,
     uid: u32,
-    opencode_binary: &Path,
+    binaries: &Binaries,
     limits: &Limits,
     cgroup: Option<&Cgroup>,
     egress: &EgressPolicy,
@@ -198,8 +204,17 @@ pub(crate) fn command_line(
     for name in ["passwd", "group", "nsswitch.conf", "hosts"] {
         bind("--ro-bind", &layout.etc.join(name), &format!("/etc/{name}"));
     }
-    bind("--ro-bind", &layout.etc.join("tool-shell"), TOOL_SHELL);
-    bind("--ro-bind", opencode_binary, "/opt/opencode/bin/opencode");
+    bind(
+        "--ro-bind",
+        &layout.etc.join(SHELL_LIMITS),
+        ToolShellLimits::PATH,
+    );
+    bind("--ro-bind", &binaries.shell, TOOL_SHELL);
+    bind(
+        "--ro-bind",
+        &binaries.opencode,
+        "/opt/opencode/bin/opencode",
+    );
     bind("--bind", &layout.workspace, SANDBOX_WORKSPACE);
     bind("--bind", &layout.home, SANDBOX_HOME);
     bind("--bind", &layout.run, "/run/canopy");
@@ -242,6 +257,13 @@ pub(crate) fn command_line(
         ("GIT_AUTHOR_EMAIL", "sandbox@localhost"),
         ("GIT_COMMITTER_NAME", "sandbox"),
         ("GIT_COMMITTER_EMAIL", "sandbox@localhost"),
+        // OpenCode runs git on the workspace outside the tool guard, with its password in its
+        // environment: the agent-written .git/config must not run commands there.
+        ("GIT_CONFIG_COUNT", "2"),
+        ("GIT_CONFIG_KEY_0", "core.fsmonitor"),
+        ("GIT_CONFIG_VALUE_0", "false"),
+        ("GIT_CONFIG_KEY_1", "core.hooksPath"),
+        ("GIT_CONFIG_VALUE_1", "/dev/null"),
     ];
     for (key, value) in env {
         push(&["--setenv", key, value]);
@@ -252,22 +274,30 @@ pub(crate) fn command_line(
     let egress_bridge = egress_bridge(egress);
     match inner {
         Inner::OpenCode { config_json } => {
+            // The password goes from a file into OpenCode's environment only: not the
+            // bridges', not an argument. The host deletes the file once OpenCode is healthy.
             let script = format!(
                 "socat UNIX-LISTEN:/run/canopy/{OPENCODE_SOCKET},fork,unlink-early,mode=0600 TCP:127.0.0.1:{OPENCODE_PORT} &\n\
                  socat TCP-LISTEN:{MODEL_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:/run/canopy-host/{MODEL_SOCKET} &\n\
                  {egress_bridge}\
+                 OPENCODE_SERVER_PASSWORD=$(cat /run/canopy-host/{PASSWORD_FILE}) || exit 98\n\
+                 export OPENCODE_SERVER_PASSWORD\n\
                  exec opencode serve --hostname 127.0.0.1 --port {OPENCODE_PORT}\n"
             );
             push(&["--setenv", "OPENCODE_CONFIG_CONTENT", config_json]);
             push(&["--", "/bin/sh", "-c", &script]);
         }
-        Inner::Script(script) if egress_bridge.is_empty() => {
-            push(&["--", "/bin/bash", "-c", script]);
-        }
-        Inner::Script(script) => {
-            // The script is an argument, not spliced into the bridge's shell text.
-            let wrapper = format!("{egress_bridge}exec /bin/bash -c \"$1\"\n");
-            push(&["--", "/bin/sh", "-c", &wrapper, "sh", script]);
+        Inner::Script { script, args } => {
+            if egress_bridge.is_empty() {
+                push(&["--", "/bin/bash", "-c", script, "bash"]);
+            } else {
+                // The script is an argument, not spliced into the bridge's shell text.
+                let wrapper = format!(
+                    "{egress_bridge}script=$1; shift; exec /bin/bash -c \"$script\" bash \"$@\"\n"
+                );
+                push(&["--", "/bin/sh", "-c", &wrapper, "sh", script]);
+            }
+            argv.extend(args.iter().map(OsString::from));
         }
     }
     argv

@@ -44,6 +44,26 @@ pub enum Error {
     },
     #[error("invalid egress host {host:?}: use a host name, not an address or a pattern")]
     InvalidEgressHost { host: String },
+    #[error("repository {repository:?} uses the {scheme} scheme; allowed: {allowed:?}")]
+    SchemeNotAllowed {
+        repository: String,
+        scheme: String,
+        allowed: Vec<String>,
+    },
+    #[error("the clone of {repository:?} took longer than {after:?}; it was stopped")]
+    CloneTimeout { repository: String, after: Duration },
+    #[error("the clone of {repository:?} grew past {max_bytes} bytes; it was stopped")]
+    CloneTooLarge { repository: String, max_bytes: u64 },
+    #[error("invalid {field}: {reason}")]
+    InvalidGitInput { field: &'static str, reason: String },
+    #[error("git in the sandbox failed ({what}): {detail}")]
+    SandboxGit { what: String, detail: String },
+    #[error("refused the push bundle {path}: {reason}")]
+    UnsafeBundle { path: PathBuf, reason: String },
+    #[error(
+        "canopy-sandbox-shell not found ({looked}); build it with cargo build -p canopy-sandbox"
+    )]
+    ShellBinaryNotFound { looked: String },
     #[error("opencode client: {0}")]
     OpenCode(#[from] canopy_opencode::Error),
 }

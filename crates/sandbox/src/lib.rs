@@ -15,10 +15,17 @@
 //! - [`Limits`]: memory and processes per sandbox by cgroup ([`CgroupSupport`]), CPU time and
 //!   file size by rlimit, a wall-time cap.
 //! - [`SandboxManager`]: start on the first prompt, stop when idle, resume, remove on archive.
+//! - OpenCode's API has a fresh password per start that only the host holds; every agent tool
+//!   command runs through the [`tool_shell`] guard (Landlock: no write outside the workspace
+//!   and `/tmp`, no TCP to OpenCode or the model bridge, no ptrace of OpenCode).
+//! - Git on a workspace never runs as root: the clone runs as the sandbox uid, commits and
+//!   restores in a fresh sandbox process, and a push sends a bundle of HEAD from a host-owned
+//!   repository that never reads the workspace's config.
 
 mod bwrap;
 mod egress;
 mod error;
+mod git;
 mod lifecycle;
 mod limits;
 mod local;
@@ -26,10 +33,12 @@ mod model_proxy;
 mod provider;
 mod socket;
 mod spawn;
+pub mod tool_shell;
 mod uid;
 
 pub use egress::{EgressPolicy, EgressProxy, EgressStats};
 pub use error::Error;
+pub use git::CloneConfig;
 pub use lifecycle::{ActiveSandbox, LifecycleEvent, SandboxManager, StopReason};
 pub use limits::{CgroupSupport, Limits};
 pub use local::{
@@ -37,6 +46,7 @@ pub use local::{
 };
 pub use model_proxy::{ModelProxy, ModelUpstream};
 pub use provider::{
-    ExecOutput, ExecRequest, SandboxInfo, SandboxProvider, SandboxSpec, SandboxStatus,
+    Commit, CommitRequest, ExecOutput, ExecRequest, GitCredentials, PushRequest, SandboxInfo,
+    SandboxProvider, SandboxSpec, SandboxStatus,
 };
 pub use socket::{BridgeStats, SocketBridge, connect_sandbox_socket};

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use canopy_opencode::{
-    ClientConfig, OpenCodeClient, OpenCodeConfig, PermissionAction, ProviderConfig,
+    BasicAuth, OpenCodeClient, OpenCodeConfig, PermissionAction, ProviderConfig,
 };
 use futures::future::BoxFuture;
 use rustix::process::{Pid, Signal};
@@ -20,12 +20,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::bwrap::{self, Inner, Layout};
+use crate::bwrap::{self, Binaries, Inner, Layout};
 use crate::egress::{EgressPolicy, EgressProxy, EgressStats};
+use crate::git::{self, CloneConfig};
 use crate::limits::{Cgroup, CgroupSupport, Limits};
 use crate::model_proxy::{ModelProxy, ModelUpstream};
 use crate::provider::{
-    ExecOutput, ExecRequest, SandboxInfo, SandboxProvider, SandboxSpec, SandboxStatus,
+    Commit, CommitRequest, ExecOutput, ExecRequest, PushRequest, SandboxInfo, SandboxProvider,
+    SandboxSpec, SandboxStatus,
 };
 use crate::socket::{BridgeStats, SocketBridge, connect_sandbox_socket};
 use crate::uid::UidLease;
@@ -45,6 +47,11 @@ pub struct BubblewrapConfig {
     pub limits: Limits,
     /// `None`: `canopy_opencode::opencode_binary()`.
     pub opencode_binary: Option<PathBuf>,
+    /// The `canopy-sandbox-shell` guard. `None`: `$CANOPY_SANDBOX_SHELL_BIN`, else a file of
+    /// that name next to the running executable or in its parent directory.
+    pub shell_binary: Option<PathBuf>,
+    /// How workspaces are cloned and where pushes may go.
+    pub clone: CloneConfig,
     pub startup_timeout: Duration,
     /// From SIGTERM to OpenCode until the sandbox is killed.
     pub stop_timeout: Duration,
@@ -61,6 +68,8 @@ impl BubblewrapConfig {
             model,
             limits: Limits::default(),
             opencode_binary: None,
+            shell_binary: None,
+            clone: CloneConfig::default(),
             startup_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
             egress: EgressPolicy::Deny,
@@ -70,6 +79,9 @@ impl BubblewrapConfig {
 
 /// The model base URL OpenCode is configured with inside every sandbox.
 pub const SANDBOX_MODEL_BASE_URL: &str = "http://127.0.0.1:8080/v1";
+/// How long a commit, restore or bundle may run in the sandbox.
+const GIT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The API key OpenCode is configured with inside: a placeholder, the proxy adds the real one.
 pub const SANDBOX_API_KEY_PLACEHOLDER: &str = "sandbox-has-no-key";
 
@@ -78,7 +90,7 @@ pub const SANDBOX_API_KEY_PLACEHOLDER: &str = "sandbox-has-no-key";
 pub struct BubblewrapProvider {
     config: BubblewrapConfig,
     cgroups: CgroupSupport,
-    opencode_binary: PathBuf,
+    binaries: Binaries,
     sandboxes: tokio::sync::Mutex<HashMap<String, Entry>>,
 }
 
@@ -106,8 +118,8 @@ struct Running {
 }
 
 impl BubblewrapProvider {
-    /// Checks the root, stages the OpenCode binary where sandbox uids can read it, and detects
-    /// cgroup support.
+    /// Checks the root, stages the OpenCode binary and the tool shell guard where sandbox uids
+    /// can read them, and detects cgroup support.
     pub fn new(config: BubblewrapConfig) -> Result<Self, Error> {
         let prepare = |path: &Path| {
             let path = path.to_owned();
@@ -120,7 +132,14 @@ impl BubblewrapProvider {
             Some(binary) => binary.clone(),
             None => canopy_opencode::opencode_binary()?,
         };
-        let opencode_binary = stage_binary(&source, &config.root.join(".opencode"))?;
+        let binaries = Binaries {
+            opencode: stage_binary(&source, &config.root.join(".opencode"), "opencode")?,
+            shell: stage_binary(
+                &find_shell_binary(config.shell_binary.as_deref())?,
+                &config.root.join(".shell"),
+                SHELL_BINARY,
+            )?,
+        };
         let cgroups = CgroupSupport::detect();
         cgroups.sweep(|uid| UidLease::acquire(&config.uid_lock_dir, &(uid..uid + 1), None).ok());
         if let CgroupSupport::Unavailable { reason } = &cgroups {
@@ -129,7 +148,7 @@ impl BubblewrapProvider {
         Ok(Self {
             config,
             cgroups,
-            opencode_binary,
+            binaries,
             sandboxes: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -222,7 +241,7 @@ impl BubblewrapProvider {
                 &layout,
                 spec,
                 lease.uid(),
-                &self.config.limits,
+                &self.config,
                 self.cgroups.is_available(),
             )?;
             sandboxes.insert(
@@ -279,7 +298,7 @@ impl BubblewrapProvider {
         let argv = bwrap::command_line(
             &entry.layout,
             entry.lease.uid(),
-            &self.opencode_binary,
+            &self.binaries,
             &self.config.limits,
             entry.cgroup.as_ref(),
             &self.config.egress,
@@ -325,19 +344,35 @@ impl BubblewrapProvider {
             api_key: SANDBOX_API_KEY_PLACEHOLDER.to_owned(),
             model_id: spec.model_id.clone(),
         })
-        .permission("bash", PermissionAction::Allow)
+        // The runner answers every bash request: it is the gate.
+        .permission("bash", PermissionAction::Ask)
         .permission("edit", PermissionAction::Allow)
-        // The sandbox is the boundary; without this, commands naming outside paths block.
-        .permission("external_directory", PermissionAction::Allow)
+        // Paths outside the workspace ask the runner, which refuses OpenCode's own process
+        // files (`/proc/self/environ` holds its password: its read tool runs unguarded) and
+        // data, and allows the rest.
+        .permission("external_directory", PermissionAction::Ask)
+        .permission("question", PermissionAction::Deny)
+        .permission("task", PermissionAction::Deny)
+        .permission("webfetch", PermissionAction::Deny)
         .to_json()
         .to_string();
-        let mut child = self.spawn(
+        let password_file = layout.host.join(bwrap::PASSWORD_FILE);
+        let auth = BasicAuth::opencode(hex::encode(rand::random::<[u8; 32]>()));
+        write_password(&password_file, &auth.password, uid)?;
+        let spawned = self.spawn(
             entry,
             &Inner::OpenCode {
                 config_json: &config,
             },
             Stdio::piped(),
-        )?;
+        );
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = std::fs::remove_file(&password_file);
+                return Err(error);
+            }
+        };
         let pid = child.id();
         let output = Output::default();
         if let Some(stdout) = child.stdout.take() {
@@ -373,6 +408,7 @@ impl BubblewrapProvider {
             uid,
             opencode_socket: control.clone(),
             opencode_directory: PathBuf::from(bwrap::SANDBOX_WORKSPACE),
+            opencode_auth: auth,
             workspace: layout.workspace.clone(),
             startup: Duration::ZERO,
         };
@@ -386,13 +422,18 @@ impl BubblewrapProvider {
             wall_timer,
             wall_time_hit,
         };
-        if let Err(error) = wait_healthy(
+        let healthy = wait_healthy(
             &running,
             began + self.config.startup_timeout,
             self.config.startup_timeout,
         )
-        .await
-        {
+        .await;
+        // OpenCode read it at its start; no prompt has run yet.
+        let removed = std::fs::remove_file(&password_file).map_err(|source| Error::Prepare {
+            path: password_file.clone(),
+            source,
+        });
+        if let Err(error) = healthy.and(removed) {
             kill(pid, Signal::KILL);
             running.wall_timer.abort();
             return Err(error);
@@ -405,6 +446,18 @@ impl BubblewrapProvider {
     }
 
     async fn exec_in(&self, id: &str, request: ExecRequest) -> Result<ExecOutput, Error> {
+        self.run_script(id, &request.script, &[], request.timeout)
+            .await
+    }
+
+    /// Runs `script` with `args` as `$1`… in a fresh sandbox process of `id`.
+    async fn run_script(
+        &self,
+        id: &str,
+        script: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, Error> {
         let child = {
             let mut sandboxes = self.sandboxes.lock().await;
             let entry = sandboxes
@@ -412,11 +465,11 @@ impl BubblewrapProvider {
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
             self.ensure_cgroup(entry)?;
             self.ensure_egress(entry)?;
-            self.spawn(entry, &Inner::Script(&request.script), Stdio::piped())?
+            self.spawn(entry, &Inner::Script { script, args }, Stdio::piped())?
         };
         let pid = child.id();
         let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
-        let (output, timed_out) = match tokio::time::timeout(request.timeout, waiting).await {
+        let (output, timed_out) = match tokio::time::timeout(timeout, waiting).await {
             Ok(output) => (output, false),
             Err(waiting) => {
                 let _ = waiting;
@@ -444,6 +497,82 @@ impl BubblewrapProvider {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
+    }
+
+    /// Runs a git script in the sandbox; its stdout when it succeeded.
+    async fn sandbox_git(
+        &self,
+        id: &str,
+        what: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<String, Error> {
+        let output = self.run_script(id, script, args, GIT_TIMEOUT).await?;
+        if output.code == Some(0) {
+            return Ok(output.stdout);
+        }
+        let how = if output.timed_out {
+            format!("timed out after {GIT_TIMEOUT:?}")
+        } else {
+            format!("exit {:?}", output.code)
+        };
+        Err(Error::SandboxGit {
+            what: what.to_owned(),
+            detail: format!("{how}: {}", output.stderr.trim()),
+        })
+    }
+
+    async fn commit_in(&self, id: &str, request: CommitRequest) -> Result<Commit, Error> {
+        let (script, args) = git::commit_script(&request)?;
+        let stdout = self.sandbox_git(id, "commit", &script, &args).await?;
+        git::parse_commit(&stdout)
+    }
+
+    async fn restore_in(&self, id: &str, sha: &str) -> Result<(), Error> {
+        git::validate_sha(sha)?;
+        self.sandbox_git(id, "restore", &git::restore_script(), &[sha.to_owned()])
+            .await
+            .map(|_| ())
+    }
+
+    async fn push_from(&self, id: &str, request: PushRequest) -> Result<String, Error> {
+        validate_branch(&request.branch)?;
+        git::check_scheme(&request.remote_url, &self.config.clone.allowed_schemes)?;
+        let (workspace, uid) = {
+            let sandboxes = self.sandboxes.lock().await;
+            let entry = sandboxes
+                .get(id)
+                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+            (entry.layout.workspace.clone(), entry.lease.uid())
+        };
+        self.sandbox_git(id, "bundle", &git::bundle_script(), &[])
+            .await?;
+        let clone = self.config.clone.clone();
+        let root = self.config.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let scratch = tempfile::Builder::new()
+                .prefix(".push-")
+                .tempdir_in(&root)
+                .map_err(|source| Error::Prepare {
+                    path: root.clone(),
+                    source,
+                })?;
+            let bundle = scratch.path().join("push.bundle");
+            git::take_bundle(&workspace, uid, clone.max_bytes, &bundle)?;
+            git::push_bundle(
+                scratch.path(),
+                &bundle,
+                &request.remote_url,
+                &request.branch,
+                request.credentials.as_ref(),
+                &clone.allowed_schemes,
+            )
+        })
+        .await
+        .map_err(|error| Error::Command {
+            what: "push".to_owned(),
+            detail: error.to_string(),
+        })?
     }
 
     async fn stop_sandbox(&self, id: &str) -> Result<(), Error> {
@@ -557,6 +686,26 @@ impl SandboxProvider for BubblewrapProvider {
     fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.remove_sandbox(id))
     }
+
+    fn commit<'a>(
+        &'a self,
+        id: &'a str,
+        request: CommitRequest,
+    ) -> BoxFuture<'a, Result<Commit, Error>> {
+        Box::pin(self.commit_in(id, request))
+    }
+
+    fn restore<'a>(&'a self, id: &'a str, commit_sha: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.restore_in(id, commit_sha))
+    }
+
+    fn push<'a>(
+        &'a self,
+        id: &'a str,
+        request: PushRequest,
+    ) -> BoxFuture<'a, Result<String, Error>> {
+        Box::pin(self.push_from(id, request))
+    }
 }
 
 impl Drop for Running {
@@ -573,7 +722,7 @@ async fn wait_healthy(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), Error> {
-    let client = OpenCodeClient::new(ClientConfig::unix_socket(&running.info.opencode_socket))?;
+    let client = OpenCodeClient::new(running.info.client_config())?;
     loop {
         if let Some(status) = *running.exit.borrow() {
             return Err(Error::ExitedEarly {
@@ -628,17 +777,21 @@ fn validate_branch(branch: &str) -> Result<(), Error> {
     }
 }
 
-/// Creates the directories and, on first use, the workspace. The clone runs as root, which is
-/// safe only because nothing in the fresh clone was written by a sandbox yet; every later git
-/// command on the workspace runs inside the sandbox.
+/// Creates the directories and, on first use, the workspace: cloned as the sandbox uid into a
+/// staging directory the uid owns inside the root-owned sandbox directory, then moved in place.
 fn prepare_layout(
     layout: &Layout,
     spec: &SandboxSpec,
     uid: u32,
-    limits: &Limits,
+    config: &BubblewrapConfig,
     memory_cgroup: bool,
 ) -> Result<(), Error> {
     validate_branch(&spec.branch)?;
+    if !layout.workspace.exists() {
+        // Refused before anything is created; `clone_as` checks again.
+        git::check_scheme(&spec.repository, &config.clone.allowed_schemes)?;
+    }
+    let limits = &config.limits;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Prepare { path, source }
@@ -662,11 +815,16 @@ fn prepare_layout(
     if !layout.workspace.exists() {
         let staging = layout.dir.join("workspace.new");
         let _ = std::fs::remove_dir_all(&staging);
-        git(
-            &["clone", "--quiet", "--no-hardlinks", "--", &spec.repository],
-            Some(&staging),
-        )?;
-        git_in(&staging, &["checkout", "--quiet", "-b", &spec.branch])?;
+        std::fs::create_dir(&staging).map_err(io(&staging))?;
+        std::os::unix::fs::chown(&staging, Some(uid), Some(uid)).map_err(io(&staging))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&staging))?;
+        if let Err(error) =
+            git::clone_as(uid, &spec.repository, &spec.branch, &staging, &config.clone)
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(error);
+        }
         std::fs::rename(&staging, &layout.workspace).map_err(io(&layout.workspace))?;
     }
     for dir in [&layout.workspace, &layout.home, &layout.run] {
@@ -679,36 +837,6 @@ fn prepare_layout(
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir))?;
     }
     Ok(())
-}
-
-fn git(args: &[&str], target: Option<&Path>) -> Result<(), Error> {
-    let mut command = Command::new("git");
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin");
-    if let Some(target) = target {
-        command.arg(target);
-    }
-    let output = command.output().map_err(|source| Error::Spawn {
-        program: "git".to_owned(),
-        source,
-    })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Command {
-            what: format!("git {}", args.join(" ")),
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
-    }
-}
-
-fn git_in(dir: &Path, args: &[&str]) -> Result<(), Error> {
-    let dir = dir.to_string_lossy();
-    let mut all = vec!["-C", dir.as_ref()];
-    all.extend_from_slice(args);
-    git(&all, None)
 }
 
 /// Gives a tree to `uid` without following links (a resumed sandbox may get another uid).
@@ -727,9 +855,9 @@ fn chown_tree(path: &Path, uid: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Hard-links (or copies) the OpenCode binary into a root-owned dir every sandbox uid can read:
-/// the installed one may sit under a home only root can enter.
-fn stage_binary(source: &Path, dir: &Path) -> Result<PathBuf, Error> {
+/// Hard-links (or copies) a binary into a root-owned dir every sandbox uid can read: the
+/// installed one may sit under a home only root can enter.
+fn stage_binary(source: &Path, dir: &Path, name: &str) -> Result<PathBuf, Error> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Prepare { path, source }
@@ -738,7 +866,7 @@ fn stage_binary(source: &Path, dir: &Path) -> Result<PathBuf, Error> {
     let meta = std::fs::metadata(&source).map_err(io(&source))?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io(dir))?;
-    let target = dir.join(format!("opencode-{}-{}", meta.len(), meta.mtime()));
+    let target = dir.join(format!("{name}-{}-{}", meta.len(), meta.mtime()));
     if !target.is_file() {
         let partial = dir.join(format!(".partial-{}", std::process::id()));
         let _ = std::fs::remove_file(&partial);
@@ -750,6 +878,59 @@ fn stage_binary(source: &Path, dir: &Path) -> Result<PathBuf, Error> {
         std::fs::rename(&partial, &target).map_err(io(&target))?;
     }
     Ok(target)
+}
+
+const SHELL_BINARY: &str = "canopy-sandbox-shell";
+const SHELL_BINARY_ENV: &str = "CANOPY_SANDBOX_SHELL_BIN";
+
+/// The guard binary: configured, else from the environment, else next to the running
+/// executable or in its parent directory (test binaries live in `target/*/deps`).
+fn find_shell_binary(configured: Option<&Path>) -> Result<PathBuf, Error> {
+    let from_env = std::env::var_os(SHELL_BINARY_ENV).map(PathBuf::from);
+    let candidates: Vec<PathBuf> = match configured.map(Path::to_owned).or(from_env) {
+        Some(path) => vec![path],
+        None => {
+            let exe = std::env::current_exe().ok();
+            let dir = exe.as_deref().and_then(Path::parent);
+            dir.into_iter()
+                .chain(dir.and_then(Path::parent))
+                .map(|dir| dir.join(SHELL_BINARY))
+                .collect()
+        }
+    };
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| Error::ShellBinaryNotFound {
+            looked: candidates
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Writes OpenCode's password where only the sandbox uid (and root) can read it.
+fn write_password(path: &Path, password: &str, uid: u32) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| Error::Prepare {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)
+        .map_err(io)?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(uid)).map_err(io)?;
+    file.write_all(password.as_bytes()).map_err(io)
 }
 
 fn kill(pid: u32, signal: Signal) {

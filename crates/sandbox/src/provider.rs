@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use canopy_opencode::{BasicAuth, ClientConfig};
 use futures::future::BoxFuture;
 
 use crate::Error;
@@ -36,10 +37,22 @@ pub struct SandboxInfo {
     pub opencode_socket: PathBuf,
     /// The directory requests name (`x-opencode-directory`): the workspace as the sandbox sees it.
     pub opencode_directory: PathBuf,
+    /// OpenCode's API password, new at every start. Only the host has it: the agent's tools
+    /// never see it, so they cannot answer their own permission requests.
+    pub opencode_auth: BasicAuth,
     /// The workspace on the host (owned by `uid`; never run host tools on it as root).
     pub workspace: PathBuf,
     /// From the start request to a healthy OpenCode.
     pub startup: Duration,
+}
+
+impl SandboxInfo {
+    /// How to reach this sandbox's OpenCode: its socket, its password, its directory.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::unix_socket(&self.opencode_socket)
+            .with_auth(Some(self.opencode_auth.clone()))
+            .with_directory(&self.opencode_directory)
+    }
 }
 
 /// Where a sandbox is in its life.
@@ -84,6 +97,54 @@ pub struct ExecOutput {
     pub stderr: String,
 }
 
+/// A checkpoint of the whole working tree ([`SandboxProvider::commit`]).
+#[derive(Debug, Clone)]
+pub struct CommitRequest {
+    /// Author and committer; no control characters, `<` or `>`, at most 256 bytes each.
+    pub author_name: String,
+    pub author_email: String,
+    /// At most 64 KiB, not empty.
+    pub message: String,
+}
+
+/// What [`SandboxProvider::commit`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// The new commit, or HEAD when nothing changed.
+    pub sha: String,
+    /// The paths the commit changed (empty when nothing changed).
+    pub files_changed: Vec<String>,
+    /// False when nothing changed: `sha` is then HEAD.
+    pub created: bool,
+}
+
+/// Where [`SandboxProvider::push`] sends the workspace's HEAD.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    /// The remote (its scheme must be allowed by the provider's clone config). Never a URL the
+    /// workspace configures.
+    pub remote_url: String,
+    /// The branch created or updated there.
+    pub branch: String,
+    pub credentials: Option<GitCredentials>,
+}
+
+/// HTTP credentials for a push; `Debug` does not print the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GitCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for GitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// A place to run an agent.
 pub trait SandboxProvider: Send + Sync + std::fmt::Debug {
     /// Starts (or resumes) the sandbox of `spec.id`: creates its workspace on first use and
@@ -100,4 +161,21 @@ pub trait SandboxProvider: Send + Sync + std::fmt::Debug {
     fn status<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<SandboxStatus, Error>>;
     /// Stops the sandbox and deletes everything it had (on archive).
     fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    /// Commits the whole working tree as a checkpoint. Runs in a fresh sandbox process (the
+    /// exec view: the uid, no network), with hooks and fsmonitor off.
+    fn commit<'a>(
+        &'a self,
+        id: &'a str,
+        request: CommitRequest,
+    ) -> BoxFuture<'a, Result<Commit, Error>>;
+    /// Resets the working tree (tracked and untracked files) to a commit of the workspace.
+    fn restore<'a>(&'a self, id: &'a str, commit_sha: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    /// Pushes the workspace's HEAD to `branch` of `remote_url` with the given credentials,
+    /// from the host, without running anything the workspace configures. Returns the pushed
+    /// sha.
+    fn push<'a>(
+        &'a self,
+        id: &'a str,
+        request: PushRequest,
+    ) -> BoxFuture<'a, Result<String, Error>>;
 }

@@ -58,3 +58,5 @@ async fn token_mints_a_verifiable_jwt_for_each_role() {
         assert_eq!(claims.workspace_id, expected_workspace);
     }
 }
+
+mod up;

@@ -112,6 +112,10 @@ pub struct PromptSubmitted {
     pub prompt_id: Uuid,
     pub author_id: String,
     pub author_name: String,
+    /// The author's email from their token, when it had one (commits made for the prompt are
+    /// authored with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author_email: Option<String>,
     pub text: String,
 }
 

@@ -87,6 +87,7 @@ impl Session {
                 events.push(
                     PromptSubmitted {
                         prompt_id,
+                        author_email: actor.email.clone(),
                         author_id: actor.id,
                         author_name: actor.name,
                         text,

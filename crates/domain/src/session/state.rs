@@ -405,6 +405,7 @@ mod tests {
                 prompt_id: id(10),
                 author_id: "alice".into(),
                 author_name: "Alice".into(),
+                author_email: None,
                 text: "first".into(),
             }
             .into(),
@@ -412,6 +413,7 @@ mod tests {
                 prompt_id: id(11),
                 author_id: "alice".into(),
                 author_name: "Alice".into(),
+                author_email: None,
                 text: "second".into(),
             }
             .into(),

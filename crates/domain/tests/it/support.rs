@@ -265,6 +265,7 @@ pub(crate) mod ev {
             prompt_id,
             author_id: author.id.clone(),
             author_name: author.name.clone(),
+            author_email: author.email.clone(),
             text: text.into(),
         }
         .into()

@@ -48,7 +48,7 @@ async fn the_plan_agent_refuses_an_edit_without_asking() {
     assert_eq!(outcome.end, TurnEnd::Completed);
     let tools = outcome.tool_parts();
     assert_eq!(tools.len(), 1);
-    let ToolState::Error { error, input } = &tools[0].state else {
+    let ToolState::Error { error, input, .. } = &tools[0].state else {
         panic!("the write was not refused: {:?}", tools[0].state)
     };
     assert_eq!(input["filePath"], "plan.txt");

@@ -169,22 +169,21 @@ async fn swapping_the_socket_for_a_symlink_is_refused() {
     let decoy_dir = tempfile::tempdir().unwrap();
     let decoy_path = decoy_dir.path().join("decoy.sock");
     let decoy = tokio::net::UnixListener::bind(&decoy_path).unwrap();
-    h.model.push([
-        bash(format!(
-            "mv /run/canopy/opencode.sock /run/canopy/real.sock && ln -s {} /run/canopy/opencode.sock && ls -l /run/canopy",
-            decoy_path.display()
-        )),
-        Step::text("Swapped."),
-    ]);
     let info = h.provider.start(h.spec("swapper")).await.unwrap();
-    let client = client(&info).unwrap();
-    let session = titled_session(&client).await.unwrap();
-
-    // The turn may end normally over pooled connections or fail once it needs a new one.
-    if let Ok(outcome) = turn(&client, &session, "Swap it.").await {
-        let outputs = tool_outputs(&outcome);
-        assert!(outputs[0].contains("opencode.sock ->"), "{outputs:?}");
-    }
+    // The agent's own tools cannot write /run/canopy (the tool shell's Landlock domain), but
+    // any process of the sandbox uid could: swap it from an exec, which has no such guard.
+    let swapped = h
+        .provider
+        .exec(
+            "swapper",
+            ExecRequest::new(format!(
+                "mv /run/canopy/opencode.sock /run/canopy/real.sock && ln -s {} /run/canopy/opencode.sock && ls -l /run/canopy",
+                decoy_path.display()
+            )),
+        )
+        .await
+        .unwrap();
+    assert!(swapped.stdout.contains("opencode.sock ->"), "{swapped:?}");
 
     let refused = h.provider.connect_opencode("swapper").await.unwrap_err();
     match &refused {
@@ -193,10 +192,7 @@ async fn swapping_the_socket_for_a_symlink_is_refused() {
         }
         other => panic!("expected a refusal, got {other}"),
     }
-    let fresh = canopy_opencode::OpenCodeClient::new(canopy_opencode::ClientConfig::unix_socket(
-        &info.opencode_socket,
-    ))
-    .unwrap();
+    let fresh = canopy_opencode::OpenCodeClient::new(info.client_config()).unwrap();
     assert!(fresh.health_within(Duration::from_secs(2)).await.is_err());
     let stats = h.provider.bridge_stats("swapper").await.unwrap();
     assert!(stats.refused() >= 1);
@@ -207,4 +203,122 @@ async fn swapping_the_socket_for_a_symlink_is_refused() {
     );
 
     h.provider.remove("swapper").await.unwrap();
+}
+
+#[tokio::test]
+async fn agent_tools_cannot_use_opencode_read_its_password_or_write_its_home() {
+    let h = Harness::start(Script::new()).await.unwrap();
+    h.model.push([
+        bash(
+            "socat TCP-LISTEN:5000,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo hi' & sleep 0.3; \
+             for port in 4096 8080 5000; do if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; \
+             then echo \"tcp $port: open\"; else echo \"tcp $port: refused\"; fi; done; kill %1; \
+             echo \"curl tcp: $(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:4096/permission)\"; \
+             echo \"curl unix: $(curl -s -o /dev/null -w '%{http_code}' --unix-socket /run/canopy/opencode.sock http://opencode/permission)\""
+                .to_owned(),
+        ),
+        bash(
+            "pid=$(for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = opencode ] && basename $p; done | head -1); \
+             echo \"opencode pid: $pid\"; \
+             if cat /proc/$pid/environ >/dev/null 2>&1; then echo 'environ: readable'; else echo 'environ: denied'; fi; \
+             if head -c 1 /proc/$pid/mem >/dev/null 2>&1; then echo 'mem: readable'; else echo 'mem: denied'; fi; \
+             if kill -0 $pid 2>/dev/null; then echo 'signal: sent'; else echo 'signal: denied'; fi; \
+             grep -a -l OPENCODE_SERVER_PASSWORD /proc/[0-9]*/environ 2>/dev/null; \
+             echo \"opencode vars: $(env | grep -c '^OPENCODE_')\"; \
+             echo \"host dir: $(ls /run/canopy-host | tr '\\n' ' ')\"; \
+             echo \"home: $HOME $XDG_CONFIG_HOME\"; tr '\\0' ' ' < /proc/1/cmdline; echo"
+                .to_owned(),
+        ),
+        bash(
+            "for path in /home/sandbox/probe /home/sandbox/.local/share/opencode/opencode.db /run/canopy/probe /opt/canopy/probe; do \
+             if : >> \"$path\" 2>/dev/null; then echo \"write $path: ok\"; else echo \"write $path: denied\"; fi; done; \
+             echo normal > /workspace/tool-wrote.txt && echo 'workspace write: ok'; \
+             touch \"$HOME/x\" && mkdir -p \"$XDG_CONFIG_HOME/app\" && echo 'tool home: ok'; \
+             git status --short && echo 'git: ok'"
+                .to_owned(),
+        ),
+        Step::text("Probed."),
+    ]);
+    let info = h.provider.start(h.spec("closed")).await.unwrap();
+    assert!(
+        !h.root.join("closed/host/opencode-password").exists(),
+        "the password file is gone once OpenCode is healthy"
+    );
+    let client = client(&info).unwrap();
+    let session = titled_session(&client).await.unwrap();
+
+    let outcome = turn(&client, &session, "Try to get out.").await.unwrap();
+
+    assert_eq!(outcome.end, TurnEnd::Completed);
+    let outputs = tool_outputs(&outcome);
+    assert_eq!(outputs.len(), 3, "{outputs:#?}");
+    let password = &info.opencode_auth.password;
+    for output in &outputs {
+        assert!(!output.contains(password.as_str()), "{output}");
+    }
+    let net = &outputs[0];
+    for expected in [
+        "tcp 4096: refused",
+        "tcp 8080: refused",
+        "tcp 5000: open",
+        "curl tcp: 000",
+        "curl unix: 401",
+    ] {
+        assert!(net.contains(expected), "{expected}: {net}");
+    }
+    let secrets = &outputs[1];
+    assert!(
+        !secrets.contains("opencode pid: \n"),
+        "found OpenCode: {secrets}"
+    );
+    for expected in [
+        "environ: denied",
+        "mem: denied",
+        "signal: denied",
+        "opencode vars: 0",
+        "host dir: model.sock ",
+        "home: /tmp/tool-home /tmp/tool-home/.config",
+    ] {
+        assert!(secrets.contains(expected), "{expected}: {secrets}");
+    }
+    assert!(!secrets.contains("/environ"), "password found: {secrets}");
+    let writes = &outputs[2];
+    for path in [
+        "/home/sandbox/probe",
+        "/home/sandbox/.local/share/opencode/opencode.db",
+        "/run/canopy/probe",
+        "/opt/canopy/probe",
+    ] {
+        assert!(
+            writes.contains(&format!("write {path}: denied")),
+            "{path}: {writes}"
+        );
+    }
+    for expected in [
+        "workspace write: ok",
+        "tool home: ok",
+        "?? tool-wrote.txt",
+        "git: ok",
+    ] {
+        assert!(writes.contains(expected), "{expected}: {writes}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(h.workspace("closed").join("tool-wrote.txt")).unwrap(),
+        "normal\n"
+    );
+
+    // The runner's client has the password; one without it is refused.
+    assert!(client.health().await.unwrap().healthy);
+    let anonymous = canopy_opencode::OpenCodeClient::new(
+        canopy_opencode::ClientConfig::unix_socket(&info.opencode_socket),
+    )
+    .unwrap();
+    assert!(
+        anonymous
+            .health_within(Duration::from_secs(2))
+            .await
+            .is_err()
+    );
+
+    h.provider.remove("closed").await.unwrap();
 }

@@ -4,6 +4,7 @@
 
 mod egress;
 mod escapes;
+mod git;
 mod lifecycle;
 mod limits;
 mod support;

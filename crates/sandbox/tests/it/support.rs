@@ -1,13 +1,14 @@
 //! A provider in a temp root, a source repository, the scripted model, and a turn helper.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use canopy_opencode::{
-    Agent, ClientConfig, CreateSession, ModelRef, OpenCodeClient, PermissionReply,
-    PermissionRequest, Prompt, ToolState, TurnOutcome, TurnPolicy, run_turn,
+    Agent, CreateSession, ModelRef, OpenCodeClient, PermissionReply, PermissionRequest, Prompt,
+    ToolState, TurnOutcome, TurnPolicy, run_turn,
 };
 use canopy_sandbox::{
     BubblewrapConfig, BubblewrapProvider, EgressPolicy, Limits, ModelUpstream, SandboxInfo,
@@ -22,7 +23,8 @@ pub(crate) struct Harness {
     pub(crate) provider: Arc<BubblewrapProvider>,
     pub(crate) api_key: String,
     pub(crate) root: PathBuf,
-    repository: PathBuf,
+    /// The source repository (a local path, owned by root).
+    pub(crate) repository: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -40,34 +42,30 @@ impl Harness {
         limits: Limits,
         egress: EgressPolicy,
     ) -> Result<Self> {
+        Self::start_adjusted(script, move |config| {
+            config.limits = limits;
+            config.egress = egress;
+        })
+        .await
+    }
+
+    /// A harness whose provider config is the tests' default changed by `adjust`.
+    pub(crate) async fn start_adjusted(
+        script: Script,
+        adjust: impl FnOnce(&mut BubblewrapConfig),
+    ) -> Result<Self> {
         let model = ModelServer::start(script).await?;
         let dir = tempfile::Builder::new()
             .prefix("canopy-sandbox-test-")
             .tempdir()?;
+        // The clone runs as the sandbox uid: it must be able to read the source.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let repository = dir.path().join("source");
         std::fs::create_dir_all(&repository)?;
         std::fs::write(repository.join("README.md"), "the session's repository\n")?;
-        for args in [
-            &["init", "-q", "-b", "main"][..],
-            &["add", "README.md"],
-            &[
-                "-c",
-                "user.name=test",
-                "-c",
-                "user.email=test@localhost",
-                "commit",
-                "-q",
-                "-m",
-                "initial",
-            ],
-        ] {
-            let status = std::process::Command::new("git")
-                .args(args)
-                .current_dir(&repository)
-                .status()
-                .context("run git")?;
-            anyhow::ensure!(status.success(), "git {args:?} failed");
-        }
+        git(&repository, &["init", "-q", "-b", "main"])?;
+        git(&repository, &["add", "README.md"])?;
+        git(&repository, &["commit", "-q", "-m", "initial"])?;
         let api_key = format!("sk-canopy-test-{}", std::process::id());
         let root = dir.path().join("sandboxes");
         let mut config = BubblewrapConfig::new(
@@ -77,8 +75,9 @@ impl Harness {
                 api_key: api_key.clone(),
             },
         );
-        config.limits = limits;
-        config.egress = egress;
+        config.shell_binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_canopy-sandbox-shell")));
+        config.clone.allowed_schemes = vec!["https".to_owned(), "file".to_owned()];
+        adjust(&mut config);
         let provider = Arc::new(BubblewrapProvider::new(config)?);
         Ok(Self {
             model,
@@ -106,10 +105,24 @@ impl Harness {
     }
 }
 
+/// Runs host-side git in a test's own repository (never in a workspace).
+pub(crate) fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let output = std::process::Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("run git")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 pub(crate) fn client(info: &SandboxInfo) -> Result<OpenCodeClient> {
-    Ok(OpenCodeClient::new(
-        ClientConfig::unix_socket(&info.opencode_socket).with_directory(&info.opencode_directory),
-    )?)
+    Ok(OpenCodeClient::new(info.client_config())?)
 }
 
 pub(crate) async fn titled_session(client: &OpenCodeClient) -> Result<String> {
@@ -130,16 +143,21 @@ pub(crate) fn prompt(text: &str) -> Prompt {
     )
 }
 
-/// Runs one prompt; any permission request fails the test (the sandbox config allows all).
+/// Runs one prompt, allowing each bash call and outside path once (the runner is the gate;
+/// these tests probe the sandbox behind it); any other permission request fails the test.
 pub(crate) async fn turn(
     client: &OpenCodeClient,
     session: &str,
     text: &str,
 ) -> Result<TurnOutcome> {
-    let mut refuse = |request: &PermissionRequest| -> PermissionReply {
-        panic!("the sandbox's config should ask nothing: {request:?}")
+    let mut bash_only = |request: &PermissionRequest| -> PermissionReply {
+        assert!(
+            ["bash", "external_directory"].contains(&request.permission.as_str()),
+            "the sandbox's config should ask only for bash and outside paths: {request:?}"
+        );
+        PermissionReply::Once
     };
-    Ok(run_turn(client, session, &prompt(text), &mut refuse, &policy()).await?)
+    Ok(run_turn(client, session, &prompt(text), &mut bash_only, &policy()).await?)
 }
 
 pub(crate) fn policy() -> TurnPolicy {

@@ -1,19 +1,4 @@
-//! A scripted, OpenAI-compatible chat-completions server: the fake of a hosted LLM.
-//!
-//! The LLM provider is the one edge Canopy's tests cannot reach (no network, no keys, and a real
-//! model does not answer the same way twice), so tests drive OpenCode against this fake instead.
-//! It speaks the part of the OpenAI API that OpenCode's `@ai-sdk/openai-compatible` provider uses:
-//! `POST /v1/chat/completions` (streamed as SSE chunks, or as one JSON body when the request says
-//! `"stream": false`) and `GET /v1/models`.
-//!
-//! A [`Script`] says how to answer: an ordered list of [`Step`]s, one consumed per request (answer
-//! text, call tools, fail with an HTTP status, end the stream early, reset the connection
-//! mid-stream, hang), plus rules that answer
-//! requests matching a predicate without consuming a step. The default rule answers OpenCode's
-//! session-title requests (sent by the `small_model`, concurrently with the real turn, so their
-//! position in the request order is not fixed) with a canned title. Every request body is recorded
-//! for assertions, and [`ModelServer::wait_for_requests`] lets a test await the n-th request
-//! instead of sleeping.
+//! The server and its script: how requests are answered, recorded and served.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -107,18 +92,18 @@ impl ToolCall {
 }
 
 type Predicate = Box<dyn Fn(&RecordedRequest) -> bool + Send + Sync>;
+type Responder = Box<dyn Fn(&RecordedRequest) -> Step + Send + Sync>;
 
 struct Rule {
     name: String,
     matches: Predicate,
-    step: Step,
+    respond: Responder,
 }
 
 impl fmt::Debug for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rule")
             .field("name", &self.name)
-            .field("step", &self.step)
             .finish_non_exhaustive()
     }
 }
@@ -178,22 +163,34 @@ impl Script {
 
     /// Answers every request `matches` accepts with `step`, without consuming a step.
     pub fn on(
-        mut self,
+        self,
         name: impl Into<String>,
         matches: impl Fn(&RecordedRequest) -> bool + Send + Sync + 'static,
         step: Step,
     ) -> Self {
+        self.on_with(name, matches, move |_| step.clone())
+    }
+
+    /// Answers every request `matches` accepts with what `respond` makes of it (for an answer
+    /// that quotes the request), without consuming a step. `respond` runs while the script is
+    /// locked, so it should be quick.
+    pub fn on_with(
+        mut self,
+        name: impl Into<String>,
+        matches: impl Fn(&RecordedRequest) -> bool + Send + Sync + 'static,
+        respond: impl Fn(&RecordedRequest) -> Step + Send + Sync + 'static,
+    ) -> Self {
         self.rules.push(Rule {
             name: name.into(),
             matches: Box::new(matches),
-            step,
+            respond: Box::new(respond),
         });
         self
     }
 
-    fn answer(&mut self, request: &RecordedRequest) -> (Answer, Step) {
+    pub(crate) fn answer(&mut self, request: &RecordedRequest) -> (Answer, Step) {
         if let Some(rule) = self.rules.iter().find(|rule| (rule.matches)(request)) {
-            return (Answer::Rule(rule.name.clone()), rule.step.clone());
+            return (Answer::Rule(rule.name.clone()), (rule.respond)(request));
         }
         if let Some(step) = self.steps.pop_front() {
             return (Answer::Step, step);
@@ -290,6 +287,87 @@ impl RecordedRequest {
         self.tool_names().is_empty() && self.system_text().contains("title generator")
     }
 
+    /// What the person asked in the last user message: its text parts without the
+    /// `<system-reminder>` parts OpenCode appends (plan mode, a switch back to build), joined by
+    /// newlines and trimmed. All of its text when it has nothing but reminders.
+    pub fn last_user_request(&self) -> String {
+        let Some(message) = self.last_user_message() else {
+            return String::new();
+        };
+        let parts = text_parts(&message["content"]);
+        let asked: Vec<&str> = parts
+            .iter()
+            .copied()
+            .filter(|text| !is_system_reminder(text))
+            .collect();
+        if asked.is_empty() {
+            parts.concat().trim().to_owned()
+        } else {
+            asked.join("\n").trim().to_owned()
+        }
+    }
+
+    /// A request of OpenCode's plan agent: its last user message carries the plan-mode system
+    /// reminder (OpenCode 1.18 adds it to the newest user message on every call of a plan turn
+    /// and does not keep it in the history, so an earlier plan turn does not count).
+    pub fn is_plan_request(&self) -> bool {
+        self.last_user_message().is_some_and(|message| {
+            text_parts(&message["content"]).into_iter().any(|text| {
+                is_system_reminder(text)
+                    && PLAN_REMINDER_MARKERS
+                        .iter()
+                        .any(|marker| text.contains(marker))
+            })
+        })
+    }
+
+    /// The messages after the last user message: the agent's steps in the current turn (all
+    /// messages when there is no user message).
+    pub fn messages_since_last_user(&self) -> &[Value] {
+        let messages = self.messages();
+        match messages
+            .iter()
+            .rposition(|message| message["role"] == "user")
+        {
+            Some(last) => &messages[last + 1..],
+            None => messages,
+        }
+    }
+
+    /// The contents of the tool results after the last user message, in order.
+    pub fn tool_results_since_last_user(&self) -> Vec<String> {
+        self.messages_since_last_user()
+            .iter()
+            .filter(|message| message["role"] == "tool")
+            .map(|message| content_text(&message["content"]))
+            .collect()
+    }
+
+    /// When the last message is a tool result: the name of the tool that produced it, found
+    /// through the assistant tool call it answers (`tool` messages carry only the call id).
+    pub fn last_tool_name(&self) -> Option<String> {
+        let (last, earlier) = self.messages().split_last()?;
+        if last["role"] != "tool" {
+            return None;
+        }
+        let call_id = last["tool_call_id"].as_str()?;
+        earlier
+            .iter()
+            .rev()
+            .filter_map(|message| message["tool_calls"].as_array())
+            .flatten()
+            .find(|call| call["id"] == call_id)
+            .and_then(|call| call["function"]["name"].as_str())
+            .map(str::to_owned)
+    }
+
+    fn last_user_message(&self) -> Option<&Value> {
+        self.messages()
+            .iter()
+            .rev()
+            .find(|message| message["role"] == "user")
+    }
+
     fn texts_of(&self, role: &str) -> Vec<String> {
         self.messages()
             .iter()
@@ -299,21 +377,39 @@ impl RecordedRequest {
     }
 }
 
+/// What marks OpenCode 1.18's plan-mode reminders: the classic one ("CRITICAL: Plan mode
+/// ACTIVE - you are in READ-ONLY phase") and the experimental plan-file one ("Plan mode is
+/// active."). The reminder of a switch back to build mentions neither.
+const PLAN_REMINDER_MARKERS: [&str; 2] = ["Plan mode ACTIVE", "Plan mode is active"];
+
 /// A chat-completions `content`: a string, or an array of parts whose text parts are joined.
 fn content_text(content: &Value) -> String {
+    text_parts(content).concat()
+}
+
+/// The text parts of a chat-completions `content` (a string is one part).
+fn text_parts(content: &Value) -> Vec<&str> {
     match content {
-        Value::String(text) => text.clone(),
+        Value::String(text) => vec![text.as_str()],
         Value::Array(parts) => parts
             .iter()
             .filter_map(|part| part["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
-/// The running fake, on `127.0.0.1` and a free port. Dropping it stops it and releases hung
-/// requests.
+/// A text part OpenCode added for the model rather than the person typed.
+fn is_system_reminder(text: &str) -> bool {
+    text.trim_start().starts_with("<system-reminder>")
+}
+
+/// The running fake. [`ModelServer::start`] puts it on a free port of `127.0.0.1` (tests),
+/// [`ModelServer::start_on`] on a chosen address (a product's demo model).
+///
+/// Stopping: [`ModelServer::shutdown`] stops accepting, releases hung requests, lets answers in
+/// flight finish and waits for the server to end. Dropping it stops it at once: hung requests
+/// are released and the serving task is aborted, cutting any answer still streaming.
 #[derive(Debug)]
 pub struct ModelServer {
     addr: SocketAddr,
@@ -334,10 +430,18 @@ struct Shared {
 impl ModelServer {
     /// Starts the fake on a free port of 127.0.0.1 with `script`.
     pub async fn start(script: Script) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), script).await
+    }
+
+    /// Starts the fake on `addr` with `script` (port 0 picks a free port; [`Self::addr`] says
+    /// which).
+    pub async fn start_on(addr: SocketAddr, script: Script) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .context("bind the scripted model server")?;
-        let addr = listener.local_addr()?;
+            .with_context(|| format!("bind the scripted model server to {addr}"))?;
+        let addr = listener
+            .local_addr()
+            .context("read the scripted model server's address")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (recorded_tx, recorded) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -368,13 +472,25 @@ impl ModelServer {
         })
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The base URL an OpenAI-compatible client is configured with: `http://127.0.0.1:PORT/v1`.
+    /// The base URL an OpenAI-compatible client is configured with: `http://ADDR:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// Stops the server gracefully: no new connections, hung requests released, answers in
+    /// flight finished; returns when it has stopped.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Err(error) = (&mut self.task).await
+            && !error.is_cancelled()
+        {
+            tracing::warn!(%error, "scripted model server task failed");
+        }
     }
 
     /// Appends steps to the script, for a test that scripts one turn at a time.
@@ -487,7 +603,7 @@ async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     shared.record(request);
     axum::Json(json!({
         "object": "list",
-        "data": [{ "id": SCRIPTED_MODEL_ID, "object": "model", "owned_by": "canopy-testkit" }],
+        "data": [{ "id": SCRIPTED_MODEL_ID, "object": "model", "owned_by": "canopy" }],
     }))
     .into_response()
 }
@@ -856,6 +972,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(requests[3].last_user_text(), "d");
+    }
+
+    #[tokio::test]
+    async fn starts_on_a_chosen_address_and_shuts_down_releasing_hung_requests() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let chosen = free.local_addr().unwrap();
+        drop(free);
+        let server = ModelServer::start_on(chosen, Script::new().then(Step::Hang))
+            .await
+            .unwrap();
+        assert_eq!(server.addr(), chosen);
+        assert_eq!(server.base_url(), format!("http://{chosen}/v1"));
+
+        let url = format!("{}/chat/completions", server.base_url());
+        let hung = tokio::spawn({
+            let url = url.clone();
+            async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .json(&chat(true, "wait"))
+                    .send()
+                    .await
+            }
+        });
+        server
+            .wait_for_requests(1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+            .await
+            .expect("shutdown waits for nothing but the released requests");
+        let released = hung.await.unwrap().expect("the hung request is answered");
+        assert_eq!(released.status(), 503);
+        let after = reqwest::Client::new()
+            .post(url)
+            .json(&chat(true, "late"))
+            .send()
+            .await;
+        assert!(after.unwrap_err().is_connect(), "nothing listens any more");
     }
 
     #[tokio::test]

@@ -1,0 +1,8 @@
+//! agent-runner's integration tests: real Postgres, NATS JetStream, OpenCode and bubblewrap;
+//! the only fake is the hosted LLM (the scripted model).
+
+mod failures;
+mod flow;
+mod requests;
+mod safety;
+mod support;
