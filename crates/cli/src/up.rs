@@ -87,6 +87,12 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     };
     let projectors = canopy_projectors::Projectors::new(args.projectors, pool.clone(), nats);
     let mut runner_config = args.runner;
+    // A development stack clones local repositories too, unless told otherwise.
+    let local_repositories = std::env::var_os("CANOPY_RUNNER_GIT_SCHEMES").is_none()
+        && runner_config.git_schemes == ["https"];
+    if local_repositories {
+        runner_config.git_schemes.push("file".to_owned());
+    }
     if runner_config.sandbox_root.is_none() {
         runner_config.sandbox_root = Some(std::path::absolute(args.data_dir.join("sandboxes"))?);
     }
