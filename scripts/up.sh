@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/canopy/target}"
-exec cargo run --locked -q -p canopy -- up "$@"
+# canopy, and the guard every agent tool command runs through (found next to it)
+cargo build --locked -q -p canopy -p canopy-sandbox --bins
+exec "$CARGO_TARGET_DIR/debug/canopy" up "$@"
