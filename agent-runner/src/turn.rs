@@ -188,6 +188,8 @@ struct Shared {
     recorded: HashSet<String>,
     /// Calls the gate refused.
     denied_calls: HashSet<String>,
+    /// How long each call waited for a person (not part of its run time).
+    call_waits: HashMap<String, Duration>,
     /// Text parts by message, as last updated.
     texts: HashMap<String, Vec<(String, String)>>,
 }
@@ -384,6 +386,7 @@ impl Handler<'_, '_> {
         let mut shared = self.lock();
         if let Some(since) = shared.waiting_since.take() {
             shared.waited += since.elapsed();
+            *shared.call_waits.entry(call_id).or_default() += since.elapsed();
         }
         reply
     }
@@ -508,11 +511,17 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
             {
                 return;
             }
-            let denied = shared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .denied_calls
-                .contains(&tool.call_id);
+            let (denied, waited) = {
+                let shared = shared.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    shared.denied_calls.contains(&tool.call_id),
+                    shared
+                        .call_waits
+                        .get(&tool.call_id)
+                        .copied()
+                        .unwrap_or_default(),
+                )
+            };
             let (input, output, status, duration) = match &tool.state {
                 ToolState::Completed {
                     input,
@@ -550,7 +559,7 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
                     "input_summary": setup.redactor.clean(&input, max),
                     "output_summary": setup.redactor.clean(output, max),
                     "status": status,
-                    "duration_ms": duration,
+                    "duration_ms": duration.saturating_sub(waited.as_millis() as u64),
                 }),
             )
         }

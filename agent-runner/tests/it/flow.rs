@@ -501,3 +501,53 @@ async fn cancelling_a_building_prompt_aborts_the_agent_and_the_queue_goes_on() {
     assert!(!types.contains(&"PromptCompleted".to_owned()), "{types:?}");
     stack.stop_runners().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unanswered_tool_ask_fails_the_prompt_after_the_approval_timeout() {
+    let script = Script::new()
+        .then(Step::text("Plan: one command\n1. run it"))
+        .then(bash("echo waiting"))
+        .then(Step::text("Done."));
+    let mut stack = Stack::start(script).await.unwrap();
+    let mut config = stack.runner_config();
+    config.approval_seconds = 6;
+    stack.start_runner(config).await.unwrap();
+    let member = person("mia", "Mia Member", Role::Member, None);
+    let admin = person("ada", "Ada Admin", Role::Admin, None);
+    let session = stack.start_session(&member, None).await.unwrap();
+    let prompt = stack.prompt(&member, session, "one command").await.unwrap();
+    let plan = stack
+        .wait_for(session, "PlanProposed", 1, WAIT)
+        .await
+        .unwrap();
+    let id = plan["plan_id"].as_str().unwrap();
+    stack
+        .post(
+            &admin,
+            &format!("/sessions/{session}/plans/{id}/approve"),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_for(session, "ToolApprovalRequested", 1, WAIT)
+        .await
+        .unwrap();
+    let asked = tokio::time::Instant::now();
+    let failed = stack
+        .wait_for(session, "PromptFailed", 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(failed["prompt_id"], prompt.to_string());
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no one answered"),
+        "{failed}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(30));
+    let types = stack.types(session).await;
+    assert!(!types.contains(&"PromptCompleted".to_owned()), "{types:?}");
+    stack.stop_runners().await;
+}

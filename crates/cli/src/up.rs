@@ -119,10 +119,17 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     say(&format!("query-api:    http://{query_addr}"))?;
     say(&format!("  docs:       http://{query_addr}/docs/"))?;
     match &runner {
-        Some(runner) => say(&format!(
-            "agent runner: http://{}/health",
-            runner.local_addr()
-        ))?,
+        Some(runner) => {
+            say(&format!(
+                "agent runner: http://{}/health",
+                runner.local_addr()
+            ))?;
+            if local_repositories {
+                say(
+                    "  repositories: https:// and file:// (CANOPY_RUNNER_GIT_SCHEMES=https refuses local ones)",
+                )?;
+            }
+        }
         None => say(
             "agent runner: off (sandboxes need root: run canopy up as root for agents to work)",
         )?,

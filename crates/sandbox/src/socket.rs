@@ -31,8 +31,17 @@ pub async fn connect_sandbox_socket(dir: &Path, name: &str, uid: u32) -> Result<
                 "cannot open its directory without following links: {error}"
             ))
         })?;
-    let fd = rustix::fs::openat(&dir_fd, name, flags, Mode::empty())
-        .map_err(|error| refuse(format!("cannot open it: {error}")))?;
+    let fd = rustix::fs::openat(&dir_fd, name, flags, Mode::empty()).map_err(|error| {
+        // Not there (yet: OpenCode is still starting) is no attack, only no answer.
+        if error == rustix::io::Errno::NOENT {
+            Error::Connect {
+                path: path.clone(),
+                source: error.into(),
+            }
+        } else {
+            refuse(format!("cannot open it: {error}"))
+        }
+    })?;
     let stat =
         rustix::fs::fstat(&fd).map_err(|error| refuse(format!("cannot stat it: {error}")))?;
     let kind = FileType::from_raw_mode(stat.st_mode);

@@ -85,8 +85,19 @@ fn plan(asked: &str) -> String {
         "Plan: write a note about \"{}\" and list the workspace\n\
          1. Write {DEMO_FILE} with a note about the request\n\
          2. Run `ls -la` to check the workspace",
-        excerpt(asked)
+        excerpt(the_request(asked))
     )
+}
+
+/// The person's own words when the request frames them (`<name> asks:` on the first line, then
+/// the text, then instructions after a blank line, as Canopy's runner sends them).
+fn the_request(asked: &str) -> &str {
+    match asked.split_once('\n') {
+        Some((first, rest)) if first.trim_end().ends_with("asks:") => {
+            rest.split("\n\n").next().unwrap_or(rest).trim()
+        }
+        _ => asked,
+    }
 }
 
 /// The first [`QUOTED_CHARS`] characters of `asked` on one line, with `...` when cut.
@@ -105,6 +116,20 @@ fn note(asked: &str) -> String {
         "This note was written by Canopy's built-in demo model, which stands in for a real \
          model until one is configured.\n\nYou asked:\n\n{asked}\n"
     )
+}
+
+#[cfg(test)]
+mod framing {
+    use super::*;
+
+    #[test]
+    fn the_runners_framing_is_not_quoted() {
+        assert_eq!(
+            the_request("Ann asks:\nAdd a note\n\nPropose a plan; do not change anything yet."),
+            "Add a note"
+        );
+        assert_eq!(the_request("Add a note\nmore"), "Add a note\nmore");
+    }
 }
 
 #[cfg(test)]
