@@ -393,7 +393,10 @@ impl Driver {
                 view.last_sequence,
             )
         };
-        let sandbox = self.ctx.sandboxes.acquire(spec).await?;
+        let sandbox = {
+            let _start = self.ctx.sandbox_starts.acquire().await?;
+            self.ctx.sandboxes.acquire(spec).await?
+        };
         let client = OpenCodeClient::new(sandbox.info().client_config())?;
         let mine = self.ctx.sandbox_name(self.session_id);
         // Resume the OpenCode session of the last sandbox when its data is still there.

@@ -94,6 +94,10 @@ pub struct Config {
     /// `/var/lib/canopy/sandboxes`, or `sandboxes` in `canopy up`'s data folder).
     #[arg(long, env = "CANOPY_SANDBOX_ROOT")]
     pub sandbox_root: Option<PathBuf>,
+    /// Sandboxes starting at once (an OpenCode boot is CPU-bound; too many at once on few
+    /// cores miss the start-up deadline). Default: the number of cores.
+    #[arg(long, env = "CANOPY_RUNNER_SANDBOX_STARTS")]
+    pub sandbox_starts: Option<usize>,
     /// Seconds a sandbox stays up with nothing to do.
     #[arg(long, env = "CANOPY_SANDBOX_IDLE_SECONDS", default_value_t = 300)]
     pub sandbox_idle_seconds: u64,
@@ -190,6 +194,8 @@ pub struct Ctx {
     pub model: canopy_opencode::ModelRef,
     /// The subject runners wake each other on (`<prefix>-wake.<session>`).
     pub wake_prefix: String,
+    /// Bounds how many sandboxes start at once.
+    pub sandbox_starts: tokio::sync::Semaphore,
     /// Sessions whose sandbox this runner started and has not seen stop.
     started_sandboxes: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
@@ -342,7 +348,13 @@ pub async fn build(config: Config, connections: Connections) -> anyhow::Result<A
         .await
         .with_context(|| format!("bind {}", config.status_listen))?;
     let wake_prefix = format!("{}-wake", connections.subject_prefix);
+    let starts = config.sandbox_starts.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(2)
+    });
     let ctx = Arc::new(Ctx {
+        sandbox_starts: tokio::sync::Semaphore::new(starts.max(1)),
         model: canopy_opencode::ModelRef::new(MODEL_PROVIDER_ID, &config.model_id),
         config,
         runner_id,

@@ -141,19 +141,7 @@ async fn a_runner_killed_mid_build_is_taken_over_after_its_lease_and_nothing_is_
 
     let first = stack.prompt(&member, session, "long build").await.unwrap();
     let second = stack.prompt(&member, session, "next one").await.unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
     let written = stack
         .wait_for(session, "ToolExecuted", 1, WAIT)
         .await

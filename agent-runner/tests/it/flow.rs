@@ -6,7 +6,7 @@ use canopy_domain::Role;
 use canopy_testkit::{Script, Step};
 use serde_json::{Value, json};
 
-use crate::support::{Stack, git, person};
+use crate::support::{Stack, bash, git, person, write};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -158,17 +158,6 @@ async fn a_prompt_is_planned_approved_built_checkpointed_and_completed() {
     }
     assert_eq!(at, order.len(), "the stream showed {seen:?}");
     stack.stop_runners().await;
-}
-
-fn write(path: &str, content: &str) -> Step {
-    Step::tool("write", json!({ "filePath": path, "content": content }))
-}
-
-fn bash(command: &str) -> Step {
-    Step::tool(
-        "bash",
-        json!({ "command": command, "description": "run it" }),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -350,19 +339,7 @@ async fn one_tool_ask_is_granted_and_one_denied_with_a_comment_the_model_reads()
         .prompt(&member, session, "two commands")
         .await
         .unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
 
     let ask = stack
         .wait_for(session, "ToolApprovalRequested", 1, WAIT)
@@ -456,19 +433,7 @@ async fn cancelling_a_building_prompt_aborts_the_agent_and_the_queue_goes_on() {
     let session = stack.start_session(&mia, None).await.unwrap();
     let first = stack.prompt(&mia, session, "slow work").await.unwrap();
     let second = stack.prompt(&max, session, "quick work").await.unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
     // The build's model call is in flight (and hangs).
     let deadline = tokio::time::Instant::now() + WAIT;
     while stack.model.scripted_requests().len() < 2 {
@@ -516,19 +481,7 @@ async fn an_unanswered_tool_ask_fails_the_prompt_after_the_approval_timeout() {
     let admin = person("ada", "Ada Admin", Role::Admin, None);
     let session = stack.start_session(&member, None).await.unwrap();
     let prompt = stack.prompt(&member, session, "one command").await.unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
     stack
         .wait_for(session, "ToolApprovalRequested", 1, WAIT)
         .await

@@ -6,13 +6,9 @@ use canopy_domain::Role;
 use canopy_testkit::{Script, Step};
 use serde_json::json;
 
-use crate::support::{Stack, WORKSPACE, git, person};
+use crate::support::{Stack, git, person, write};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn write(path: &str, content: &str) -> Step {
-    Step::tool("write", json!({ "filePath": path, "content": content }))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
@@ -30,19 +26,7 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
     let session = stack.start_session(&member, None).await.unwrap();
     for (round, text) in [(1, "write a"), (2, "write b")] {
         stack.prompt(&member, session, text).await.unwrap();
-        let plan = stack
-            .wait_for(session, "PlanProposed", round, WAIT)
-            .await
-            .unwrap();
-        let id = plan["plan_id"].as_str().unwrap();
-        stack
-            .post(
-                &admin,
-                &format!("/sessions/{session}/plans/{id}/approve"),
-                json!({}),
-            )
-            .await
-            .unwrap();
+        stack.approve_plan(&admin, session, round).await;
         stack
             .wait_for(session, "PromptCompleted", round, WAIT)
             .await
@@ -121,6 +105,5 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
     )
     .unwrap();
     assert_eq!(remote_sha, sha);
-    let _ = WORKSPACE;
     stack.stop_runners().await;
 }

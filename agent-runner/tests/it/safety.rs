@@ -6,16 +6,9 @@ use canopy_domain::Role;
 use canopy_testkit::{Script, Step};
 use serde_json::json;
 
-use crate::support::{Stack, WORKSPACE, person};
+use crate::support::{Stack, WORKSPACE, bash, person};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn bash(command: &str) -> Step {
-    Step::tool(
-        "bash",
-        json!({ "command": command, "description": "run it" }),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn secrets_printed_by_tools_are_never_recorded_and_huge_outputs_are_cut() {
@@ -38,19 +31,7 @@ async fn secrets_printed_by_tools_are_never_recorded_and_huge_outputs_are_cut() 
         .prompt(&member, session, "print things")
         .await
         .unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
     stack
         .wait_for(session, "PromptCompleted", 1, WAIT)
         .await
@@ -114,19 +95,7 @@ async fn an_agent_that_tries_to_approve_itself_is_refused_recorded_and_stopped()
     let admin = person("ada", "Ada Admin", Role::Admin, None);
     let session = stack.start_session(&member, None).await.unwrap();
     let first = stack.prompt(&member, session, "be sneaky").await.unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 1).await;
     let failed = stack
         .wait_for(session, "PromptFailed", 1, WAIT)
         .await
@@ -148,19 +117,7 @@ async fn an_agent_that_tries_to_approve_itself_is_refused_recorded_and_stopped()
 
     // Hidden from the text check, the attempt still gets nothing from the agent server.
     stack.prompt(&member, session, "be sneakier").await.unwrap();
-    let plan = stack
-        .wait_for(session, "PlanProposed", 2, WAIT)
-        .await
-        .unwrap();
-    let id = plan["plan_id"].as_str().unwrap();
-    stack
-        .post(
-            &admin,
-            &format!("/sessions/{session}/plans/{id}/approve"),
-            json!({}),
-        )
-        .await
-        .unwrap();
+    stack.approve_plan(&admin, session, 2).await;
     stack
         .wait_for(session, "PromptCompleted", 1, WAIT)
         .await

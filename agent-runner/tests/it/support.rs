@@ -12,7 +12,7 @@ use canopy_agent_runner::{Config, Connections};
 use canopy_auth::Claims;
 use canopy_domain::Role;
 use canopy_relay::{Relay, RelayConfig};
-use canopy_testkit::{ModelServer, Script, TestDb, TestNats};
+use canopy_testkit::{ModelServer, Script, Step, TestDb, TestNats};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -291,6 +291,23 @@ impl Stack {
         }
     }
 
+    /// Waits for the session's `nth` plan and approves it as `admin`; returns the plan.
+    pub(crate) async fn approve_plan(&self, admin: &Person, session: Uuid, nth: usize) -> Value {
+        let plan = self
+            .wait_for(session, "PlanProposed", nth, Duration::from_secs(90))
+            .await
+            .unwrap();
+        let id = plan["plan_id"].as_str().unwrap();
+        self.post(
+            admin,
+            &format!("/sessions/{session}/plans/{id}/approve"),
+            json!({}),
+        )
+        .await
+        .unwrap();
+        plan
+    }
+
     /// Follows the session's SSE stream, collecting event types until `until` is seen.
     pub(crate) fn watch(
         &self,
@@ -336,6 +353,19 @@ impl Drop for Stack {
             let _ = stop.send(());
         }
     }
+}
+
+/// The model writes a file.
+pub(crate) fn write(path: &str, content: &str) -> Step {
+    Step::tool("write", json!({ "filePath": path, "content": content }))
+}
+
+/// The model runs a command.
+pub(crate) fn bash(command: &str) -> Step {
+    Step::tool(
+        "bash",
+        json!({ "command": command, "description": "run it" }),
+    )
 }
 
 pub(crate) fn git(dir: &Path, args: &[&str]) -> Result<String> {
