@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use canopy_event_store::DbConfig;
+use futures::future::BoxFuture;
 
 use crate::{RoleArg, TokenArgs, UpArgs, mint, say};
 
@@ -26,7 +27,14 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
                 canopy_local_servers::Durability::Durable,
             )
             .context("start the embedded PostgreSQL")?;
-            tracing::info!(dir = %dir.display(), pid = server.pid, "embedded PostgreSQL started");
+            if server.dir != dir {
+                say(&format!(
+                    "postgres:     its user cannot reach {}: the data lives in {}",
+                    dir.display(),
+                    server.dir.display()
+                ))?;
+            }
+            tracing::info!(dir = %server.dir.display(), pid = server.pid, "embedded PostgreSQL started");
             server.url
         }
     };
@@ -94,7 +102,18 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         runner_config.git_schemes.push("file".to_owned());
     }
     if runner_config.sandbox_root.is_none() {
-        runner_config.sandbox_root = Some(std::path::absolute(args.data_dir.join("sandboxes"))?);
+        // Sandbox uids must reach their workspaces: not under a directory closed to others.
+        let mut root = std::path::absolute(args.data_dir.join("sandboxes"))?;
+        if !canopy_local_servers::reachable_by_others(&root) {
+            let elsewhere = canopy_local_servers::reachable_home("sandboxes", &root);
+            say(&format!(
+                "sandboxes:    sandbox users cannot reach {}: they live in {}",
+                root.display(),
+                elsewhere.display()
+            ))?;
+            root = elsewhere;
+        }
+        runner_config.sandbox_root = Some(root);
     }
     // Sandboxes need root: a normal user gets the rest of the stack and a clear word why agents
     // do not run; for root a runner that cannot start stops everything.
@@ -164,35 +183,65 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             let _ = rx.recv().await;
         }
     };
-    let api = tokio::spawn(app.run_until(stopped(&stop)));
-    let query_task = tokio::spawn(query.run_until(stopped(&stop)));
+    // A part that ends on its own says so here, and the whole stack stops: never half a stack.
+    let (ended, mut first_ended) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
+    let part = |name: &'static str, work: BoxFuture<'static, Result<()>>| {
+        let ended = ended.clone();
+        tokio::spawn(async move {
+            let result = work.await;
+            let why = match &result {
+                Ok(()) => "it stopped".to_owned(),
+                Err(error) => format!("{error:#}"),
+            };
+            let _ = ended.send((name, why));
+            result.with_context(|| name.to_owned())
+        })
+    };
+    let api = part("command-api", Box::pin(app.run_until(stopped(&stop))));
+    let query_task = part("query-api", Box::pin(query.run_until(stopped(&stop))));
     let relay_stop = stopped(&stop);
-    let relay_task = tokio::spawn(async move { relay.run_until(relay_stop).await });
+    let relay_task = part(
+        "relay",
+        Box::pin(async move { Ok(relay.run_until(relay_stop).await?) }),
+    );
     let projectors_stop = stopped(&stop);
-    let projectors_task = tokio::spawn(async move { projectors.run_until(projectors_stop).await });
+    let projectors_task = part(
+        "projectors",
+        Box::pin(async move { Ok(projectors.run_until(projectors_stop).await?) }),
+    );
     // The runner drains first: it still records through command-api while it hands back.
     let (stop_runner, runner_stopped) = tokio::sync::oneshot::channel::<()>();
-    let runner_task = tokio::spawn(async move {
-        match runner {
-            Some(runner) => {
-                runner
-                    .run_until(async {
-                        let _ = runner_stopped.await;
-                    })
-                    .await
-            }
-            None => Ok(()),
-        }
+    let runner_task = runner.map(|runner| {
+        part(
+            "agent runner",
+            Box::pin(runner.run_until(async move {
+                let _ = runner_stopped.await;
+            })),
+        )
     });
-    shutdown_signal().await;
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        Some(ended) = first_ended.recv() => Some(ended),
+    };
+    if let Some((name, why)) = &failed {
+        tracing::error!(part = name, %why, "a part of the stack ended; stopping everything");
+    }
     let _ = stop_runner.send(());
-    runner_task.await?.context("agent runner")?;
+    let mut results = Vec::new();
+    if let Some(task) = runner_task {
+        results.push(task.await?);
+    }
     let _ = stop.send(());
-    api.await?.context("command-api")?;
-    query_task.await?.context("query-api")?;
-    relay_task.await?.context("relay")?;
-    projectors_task.await?.context("projectors")?;
+    for task in [api, query_task, relay_task, projectors_task] {
+        results.push(task.await?);
+    }
     pool.close().await;
+    if let Some((name, why)) = failed {
+        anyhow::bail!("{name} ended ({why}), so the whole stack stopped");
+    }
+    for result in results {
+        result?;
+    }
     tracing::info!("stopped");
     Ok(())
 }

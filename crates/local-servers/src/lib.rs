@@ -45,6 +45,41 @@ impl LocalServer {
     }
 }
 
+/// Whether every directory above `path` lets other users pass (`o+x`), so that a process
+/// running as another user (the embedded Postgres as `postgres`, a sandbox's uid) can reach it.
+pub fn reachable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(path) = std::path::absolute(path) else {
+        return false;
+    };
+    path.ancestors()
+        .skip(1)
+        .all(|dir| match std::fs::metadata(dir) {
+            Ok(meta) => meta.permissions().mode() & 0o001 != 0,
+            // Not there yet: it will be created by us, open enough (umask permitting).
+            Err(_) => true,
+        })
+}
+
+/// A stable place under `/var/lib/canopy/<kind>/` standing in for `path` when other users cannot
+/// reach `path` (see [`reachable_by_others`]): the same `path` always maps to the same place.
+pub fn reachable_home(kind: &str, path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let flat: String = path
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Path::new("/var/lib/canopy").join(kind).join(flat)
+}
+
 /// How durable a local Postgres should be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -56,10 +91,20 @@ pub enum Durability {
 
 /// Starts Postgres on `port` with its cluster in `dir/data`, running `initdb` first when the
 /// cluster does not exist yet. Returns once the process is spawned; callers wait for readiness.
+///
+/// As root the server runs as an unprivileged user, who must be able to reach `dir`: when a
+/// directory above it is closed to other users (a clone under `/root`, a `mktemp -d`), the
+/// cluster lives at [`reachable_home`]`("postgres", dir)` instead (stable, so it survives
+/// restarts), and the returned [`LocalServer::dir`] says where.
 pub fn start_postgres(dir: &Path, port: u16, durability: Durability) -> Result<LocalServer> {
     let bin = postgres_bindir()?;
-    let data = dir.join("data");
     let user = is_root().then(unprivileged_user);
+    let dir = &if user.is_some() && !reachable_by_others(dir) {
+        reachable_home("postgres", dir)
+    } else {
+        dir.to_owned()
+    };
+    let data = dir.join("data");
     std::fs::create_dir_all(dir)?;
     let fresh = !data.join("PG_VERSION").exists();
     if fresh {
@@ -203,5 +248,28 @@ fn postgres_bindir() -> Result<PathBuf> {
         None => {
             bail!("no PostgreSQL server binaries found: run scripts/setup.sh or set DATABASE_URL")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_closed_to_others_is_not_reachable_and_gets_a_stable_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("clone/.canopy/postgres");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!reachable_by_others(&inside));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(reachable_by_others(&inside));
+        let home = reachable_home("postgres", &inside);
+        assert_eq!(home, reachable_home("postgres", &inside));
+        assert!(home.starts_with("/var/lib/canopy/postgres"));
+        assert!(
+            home.to_string_lossy().ends_with("clone_.canopy_postgres"),
+            "{home:?}"
+        );
     }
 }
