@@ -62,22 +62,21 @@ pub fn reachable_by_others(path: &Path) -> bool {
 }
 
 /// A stable place under `/var/lib/canopy/<kind>/` standing in for `path` when other users cannot
-/// reach `path` (see [`reachable_by_others`]): the same `path` always maps to the same place.
+/// reach `path` (see [`reachable_by_others`]): the same `path` always maps to the same place, a
+/// short one (sockets live below it, and a socket's path has at most 107 bytes).
 pub fn reachable_home(kind: &str, path: &Path) -> PathBuf {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let flat: String = path
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-._".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    Path::new("/var/lib/canopy").join(kind).join(flat)
+    // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+    let digest = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    Path::new("/var/lib/canopy")
+        .join(kind)
+        .join(format!("{digest:016x}"))
 }
 
 /// How durable a local Postgres should be.
@@ -267,9 +266,10 @@ mod tests {
         let home = reachable_home("postgres", &inside);
         assert_eq!(home, reachable_home("postgres", &inside));
         assert!(home.starts_with("/var/lib/canopy/postgres"));
-        assert!(
-            home.to_string_lossy().ends_with("clone_.canopy_postgres"),
-            "{home:?}"
+        assert_eq!(
+            home.to_string_lossy().len(),
+            "/var/lib/canopy/postgres/".len() + 16
         );
+        assert_ne!(home, reachable_home("postgres", dir.path()));
     }
 }
