@@ -1,9 +1,11 @@
 //! The `canopy` operator CLI: one home for operator subcommands.
 //!
 //! Built so far: `migrate`, `token` (a dev JWT for any role), `up` (the whole stack), `relay`
-//! (run the relay, or republish), `rebuild` (a projection from the event store) and `parked`
-//! (list or retry events a projection parked). Later items add `audit`, `demo` and `bench`.
+//! (run the relay, or republish), `rebuild` (a projection from the event store), `parked`
+//! (list or retry events a projection parked) and `demo` (a whole session against the running
+//! stack, printed live). Later items add `audit` and `bench`.
 
+mod demo;
 mod ops;
 mod up;
 
@@ -36,6 +38,8 @@ pub enum Command {
     Rebuild(ops::RebuildArgs),
     /// Events a projection could not apply: list them, or apply them again.
     Parked(ops::ParkedArgs),
+    /// Drive a whole session against the running stack (`canopy up`), printing it live.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +180,7 @@ pub async fn execute(command: Command) -> Result<String> {
         Command::Relay(args) => ops::relay_command(args).await,
         Command::Rebuild(args) => ops::rebuild(args).await,
         Command::Parked(args) => ops::parked(args).await,
+        Command::Demo(args) => demo::run(args).await,
     }
 }
 

@@ -112,7 +112,7 @@ async fn a_cut_stream_is_stopped_instead_of_recalled_forever() {
     let policy = TurnPolicy {
         max_truncated_steps: usize::MAX,
         max_steps: usize::MAX,
-        turn_timeout: Duration::from_secs(3),
+        turn_timeout: Duration::from_secs(5),
         ..quick_policy()
     };
     let outcome = run_turn(
@@ -127,7 +127,7 @@ async fn a_cut_stream_is_stopped_instead_of_recalled_forever() {
     assert_eq!(
         outcome.end,
         TurnEnd::Stopped(StopReason::DeadlineExceeded {
-            after: Duration::from_secs(3)
+            after: Duration::from_secs(5)
         })
     );
     assert!(
@@ -135,7 +135,8 @@ async fn a_cut_stream_is_stopped_instead_of_recalled_forever() {
         "{:?}",
         outcome.elapsed
     );
-    assert!(h.model.scripted_requests().len() >= calls_before + 3);
+    // The model was called again and again (how often depends on the machine's load).
+    assert!(h.model.scripted_requests().len() >= calls_before + 2);
     assert_idle(&h, &session.id).await;
 }
 
