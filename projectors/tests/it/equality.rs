@@ -105,6 +105,27 @@ async fn a_projection_added_after_events_exist_backfills_from_the_start() {
         .await
         .unwrap();
     assert_eq!(before, 0);
+    // The backfill reads below the cluster-wide snapshot horizon (the consumers bring the rest),
+    // and any test's open transaction in any database holds that back for a moment: wait until
+    // every event is below it, so the backfill alone must account for all of them.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let below: bool = sqlx::query_scalar(
+            "SELECT coalesce(max(transaction_id), '0'::xid8) < pg_snapshot_xmin(pg_current_snapshot())
+               FROM events",
+        )
+        .fetch_one(pipeline.pool())
+        .await
+        .unwrap();
+        if below {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the horizon never passed the events"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     canopy_projectors::ensure_built(pipeline.pool(), Projection::Timeline)
         .await
         .unwrap();
