@@ -28,7 +28,6 @@ use uuid::Uuid;
 
 use crate::plan_text::{self, ParsedPlan};
 use crate::record::RecordError;
-use crate::redact::Redactor;
 use crate::supervisor::Supervisor;
 use crate::turn::{self, Phase, TurnSetup};
 use crate::view::{self, PlanInfo, Request, SessionView, request_key};
@@ -56,12 +55,6 @@ pub enum Next {
     /// Wait for people until this time (or a wake-up).
     Wait(DateTime<Utc>),
     Idle,
-}
-
-impl PartialEq for PlanInfo {
-    fn eq(&self, other: &Self) -> bool {
-        self.plan_id == other.plan_id
-    }
 }
 
 /// What the driver knows besides the store.
@@ -196,7 +189,6 @@ pub(crate) async fn drive(
     let lost = Arc::new(AtomicBool::new(false));
     let renewal = tokio::spawn(renew(ctx.clone(), session_id, lost.clone()));
     let mut driver = Driver {
-        redactor: Redactor::new(ctx.secrets()),
         ctx,
         supervisor,
         session_id,
@@ -221,7 +213,6 @@ struct Driver {
     lost: Arc<AtomicBool>,
     local: Local,
     agent: Option<AgentHandle>,
-    redactor: Redactor,
 }
 
 impl Driver {
@@ -305,23 +296,15 @@ impl Driver {
         }
     }
 
-    async fn post(
-        &self,
-        path: &str,
-        key: &str,
-        body: serde_json::Value,
-    ) -> Result<(), RecordError> {
-        self.ctx
+    /// Posts, treating a refusal as "the session moved on" (the next loop reads why).
+    async fn report(&self, path: &str, key: &str, body: serde_json::Value) -> anyhow::Result<()> {
+        match self
+            .ctx
             .recorder
             .post(self.session_id, path, key, &body)
             .await
-            .map(|_| ())
-    }
-
-    /// Posts, treating a refusal as "the session moved on" (the next loop reads why).
-    async fn report(&self, path: &str, key: &str, body: serde_json::Value) -> anyhow::Result<()> {
-        match self.post(path, key, body).await {
-            Ok(()) => Ok(()),
+        {
+            Ok(_) => Ok(()),
             Err(error @ RecordError::Refused { .. }) => {
                 tracing::info!(%error, session = %self.session_id, "report refused; the session moved on");
                 Ok(())
@@ -482,7 +465,6 @@ impl Driver {
         let view = self.view.clone();
         let wake = self.wake.clone();
         let session_id = self.session_id;
-        let redactor = self.redactor.clone();
         let agent = self.agent().await?;
         let request = Prompt {
             parts: vec![PromptPart::text(text)],
@@ -503,7 +485,6 @@ impl Driver {
             view,
             wake,
             bash_allowed,
-            redactor: &redactor,
         };
         Ok(turn::run(setup, request).await)
     }
@@ -712,7 +693,7 @@ impl Driver {
             Some(reason) => Err(reason),
             None => {
                 let summary = report.final_text.trim();
-                Ok((!summary.is_empty()).then(|| self.redactor.clean(summary, 4000)))
+                Ok((!summary.is_empty()).then(|| self.ctx.redactor.clean(summary, 4000)))
             }
         };
         Ok(Some((commit, outcome)))

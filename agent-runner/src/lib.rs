@@ -194,6 +194,8 @@ pub struct Ctx {
     pub model: canopy_opencode::ModelRef,
     /// The subject runners wake each other on (`<prefix>-wake.<session>`).
     pub wake_prefix: String,
+    /// Cleans tool text of secrets (the runner's own among them) before it is recorded.
+    pub redactor: redact::Redactor,
     /// Bounds how many sandboxes start at once.
     pub sandbox_starts: tokio::sync::Semaphore,
     /// Sessions whose sandbox this runner started and has not seen stop.
@@ -205,16 +207,6 @@ impl Ctx {
     /// unique per runner, so a takeover can tell a dead runner's sandbox from its own.
     pub fn sandbox_name(&self, session: uuid::Uuid) -> String {
         format!("{session}@{}", self.runner_id)
-    }
-
-    /// Literal secrets no recorded text may contain.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut secrets = vec![
-            self.config.model_api_key.clone(),
-            self.connections.runner_token.clone(),
-        ];
-        secrets.extend(self.config.git_password.clone());
-        secrets
     }
 
     pub(crate) fn remember_sandbox(&self, session: uuid::Uuid) {
@@ -353,7 +345,17 @@ pub async fn build(config: Config, connections: Connections) -> anyhow::Result<A
             .map(usize::from)
             .unwrap_or(2)
     });
+    // Literal secrets no recorded text may contain.
+    let redactor = redact::Redactor::new(
+        [
+            config.model_api_key.clone(),
+            connections.runner_token.clone(),
+        ]
+        .into_iter()
+        .chain(config.git_password.clone()),
+    );
     let ctx = Arc::new(Ctx {
+        redactor,
         sandbox_starts: tokio::sync::Semaphore::new(starts.max(1)),
         model: canopy_opencode::ModelRef::new(MODEL_PROVIDER_ID, &config.model_id),
         config,

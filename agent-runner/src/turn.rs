@@ -31,7 +31,6 @@ use uuid::Uuid;
 
 use crate::Ctx;
 use crate::record::RecordError;
-use crate::redact::Redactor;
 use crate::view::SessionView;
 
 /// Which agent runs.
@@ -63,7 +62,6 @@ pub struct TurnSetup<'a> {
     pub wake: tokio::sync::watch::Receiver<u64>,
     /// Whether bash runs without asking a person.
     pub bash_allowed: bool,
-    pub redactor: &'a Redactor,
 }
 
 /// How a turn went, for the driver to record.
@@ -337,7 +335,7 @@ impl Handler<'_, '_> {
         if let Some(what) = reaches_agent_server(&command) {
             let reason = format!(
                 "the agent tried to reach its own agent server ({what}) with `{}`; the command was refused",
-                setup.redactor.clean(&command, 500)
+                setup.ctx.redactor.clean(&command, 500)
             );
             tracing::warn!(session = %setup.session_id, prompt = %setup.prompt_id, %reason, "agent refused");
             self.lock().failure = Some(reason);
@@ -369,7 +367,7 @@ impl Handler<'_, '_> {
             "prompt_id": setup.prompt_id,
             "call_id": call_id,
             "tool": "bash",
-            "input_summary": setup.redactor.clean(command, max),
+            "input_summary": setup.ctx.redactor.clean(command, max),
         });
         let key = format!("ask:{}:{}", setup.prompt_id, request.id);
         if let Err(error) = setup
@@ -433,11 +431,14 @@ impl Handler<'_, '_> {
             }
             tokio::select! {
                 _ = wake.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(STORE_POLL) => {}
             }
         }
     }
 }
+
+/// How often a running turn's session is read from the store without a wake-up.
+const STORE_POLL: Duration = Duration::from_secs(5);
 
 /// Watches the running turn: aborts it when the prompt is cancelled or the agent-time limit is
 /// reached. Never returns; the turn's end drops it.
@@ -448,18 +449,22 @@ async fn watch_turn(
 ) -> std::convert::Infallible {
     let limit = Duration::from_secs(setup.ctx.config.agent_seconds.max(1));
     let mut wake = setup.wake.clone();
+    let mut running = true;
+    let mut last_read = Instant::now();
     loop {
-        tokio::select! {
-            _ = wake.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let running = {
-            let mut view = setup.view.lock().await;
-            if view.refresh(&setup.ctx.pool).await.is_err() {
-                continue;
-            }
-            view.is_running(setup.prompt_id)
+        // A cancel arrives as a wake-up; the store is read then, and every few seconds as a
+        // safety net. The agent-time limit needs no read.
+        let woken = tokio::select! {
+            _ = wake.changed() => true,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
         };
+        if woken || last_read.elapsed() >= STORE_POLL {
+            let mut view = setup.view.lock().await;
+            if view.refresh(&setup.ctx.pool).await.is_ok() {
+                running = view.is_running(setup.prompt_id);
+                last_read = Instant::now();
+            }
+        }
         let abort = {
             let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
             if shared.aborted {
@@ -539,15 +544,11 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
                 ),
                 _ => return,
             };
-            let input = match input {
-                serde_json::Value::Object(map) if map.len() == 1 || map.contains_key("command") => {
-                    map.get("command")
-                        .and_then(|c| c.as_str())
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| input.to_string())
-                }
-                other => other.to_string(),
-            };
+            // A command is recorded as typed; other inputs as their JSON.
+            let input = input["command"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| input.to_string());
             (
                 "tool-executions",
                 format!("tool:{prompt}:{}", tool.call_id),
@@ -556,8 +557,8 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
                     "call_id": tool.call_id,
                     "tool": tool.tool,
                     "phase": setup.phase.as_str(),
-                    "input_summary": setup.redactor.clean(&input, max),
-                    "output_summary": setup.redactor.clean(output, max),
+                    "input_summary": setup.ctx.redactor.clean(&input, max),
+                    "output_summary": setup.ctx.redactor.clean(output, max),
                     "status": status,
                     "duration_ms": duration.saturating_sub(waited.as_millis() as u64),
                 }),
@@ -574,7 +575,7 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
                 json!({
                     "prompt_id": prompt,
                     "message_id": message_id,
-                    "text": setup.redactor.clean(text, 16 * 1024),
+                    "text": setup.ctx.redactor.clean(text, 16 * 1024),
                 }),
             )
         }

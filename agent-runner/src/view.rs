@@ -25,7 +25,7 @@ pub struct PromptInfo {
 }
 
 /// A plan the agent proposed and what people said of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlanInfo {
     pub plan_id: Uuid,
     pub prompt_id: Uuid,
@@ -35,7 +35,7 @@ pub struct PlanInfo {
     pub verdict: Option<Verdict>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub approved: bool,
     pub reviewer_name: String,

@@ -26,10 +26,7 @@ async fn a_prompt_is_planned_approved_built_checkpointed_and_completed() {
         .await
         .unwrap();
 
-    let plan = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
+    let plan = stack.wait_for(session, "PlanProposed", 1, WAIT).await;
     assert_eq!(plan["prompt_id"], prompt.to_string());
     assert!(
         plan["summary"].as_str().unwrap().contains("Add a note"),
@@ -59,8 +56,7 @@ async fn a_prompt_is_planned_approved_built_checkpointed_and_completed() {
     // The bash call asks (the default policy): an admin grants it.
     let ask = stack
         .wait_for(session, "ToolApprovalRequested", 1, WAIT)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ask["tool"], "bash");
     assert!(
         ask["input_summary"].as_str().unwrap().contains("ls -la"),
@@ -76,10 +72,7 @@ async fn a_prompt_is_planned_approved_built_checkpointed_and_completed() {
         .await
         .unwrap();
 
-    stack
-        .wait_for(session, "PromptCompleted", 1, WAIT)
-        .await
-        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
     let events = stack.events(session).await.unwrap();
     let types: Vec<&str> = events.iter().map(|(t, _, _)| t.as_str()).collect();
     let position = |t: &str| {
@@ -202,10 +195,7 @@ async fn a_rejection_comment_brings_a_revised_plan_and_feature_learnings_reach_t
         .await
         .unwrap();
 
-    let first = stack
-        .wait_for(session, "PlanProposed", 1, WAIT)
-        .await
-        .unwrap();
+    let first = stack.wait_for(session, "PlanProposed", 1, WAIT).await;
     assert_eq!(first["summary"], "first idea");
     let plan = first["plan_id"].as_str().unwrap();
     stack
@@ -216,10 +206,7 @@ async fn a_rejection_comment_brings_a_revised_plan_and_feature_learnings_reach_t
         )
         .await
         .unwrap();
-    let second = stack
-        .wait_for(session, "PlanProposed", 2, WAIT)
-        .await
-        .unwrap();
+    let second = stack.wait_for(session, "PlanProposed", 2, WAIT).await;
     assert_eq!(second["summary"], "second idea");
     let plan = second["plan_id"].as_str().unwrap();
     stack
@@ -230,10 +217,7 @@ async fn a_rejection_comment_brings_a_revised_plan_and_feature_learnings_reach_t
         )
         .await
         .unwrap();
-    stack
-        .wait_for(session, "PromptCompleted", 1, WAIT)
-        .await
-        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
 
     let requests = stack.model.scripted_requests();
     // Every request carries the feature's learning in its system text.
@@ -256,10 +240,7 @@ async fn a_rejection_comment_brings_a_revised_plan_and_feature_learnings_reach_t
     assert!(requests[2].last_user_request().contains("second idea"));
     assert!(!requests[2].is_plan_request());
     // With nothing left to do the sandbox idles out, and that is recorded.
-    let stopped = stack
-        .wait_for(session, "SandboxStopped", 1, WAIT)
-        .await
-        .unwrap();
+    let stopped = stack.wait_for(session, "SandboxStopped", 1, WAIT).await;
     assert_eq!(stopped["reason"], "idle");
     stack.stop_runners().await;
 }
@@ -282,10 +263,7 @@ async fn past_the_last_round_a_prompt_ends_and_the_next_members_prompt_runs() {
     let second = stack.prompt(&max, session, "second").await.unwrap();
 
     for round in 1..=2 {
-        let plan = stack
-            .wait_for(session, "PlanProposed", round, WAIT)
-            .await
-            .unwrap();
+        let plan = stack.wait_for(session, "PlanProposed", round, WAIT).await;
         assert_eq!(plan["prompt_id"], first.to_string());
         let id = plan["plan_id"].as_str().unwrap();
         stack
@@ -297,10 +275,7 @@ async fn past_the_last_round_a_prompt_ends_and_the_next_members_prompt_runs() {
             .await
             .unwrap();
     }
-    let failed = stack
-        .wait_for(session, "PromptFailed", 1, WAIT)
-        .await
-        .unwrap();
+    let failed = stack.wait_for(session, "PromptFailed", 1, WAIT).await;
     assert_eq!(failed["prompt_id"], first.to_string());
     assert!(
         failed["reason"]
@@ -310,15 +285,9 @@ async fn past_the_last_round_a_prompt_ends_and_the_next_members_prompt_runs() {
         "{failed}"
     );
     // The queue goes on with the second member's prompt.
-    let started = stack
-        .wait_for(session, "PromptStarted", 2, WAIT)
-        .await
-        .unwrap();
+    let started = stack.wait_for(session, "PromptStarted", 2, WAIT).await;
     assert_eq!(started["prompt_id"], second.to_string());
-    let plan = stack
-        .wait_for(session, "PlanProposed", 3, WAIT)
-        .await
-        .unwrap();
+    let plan = stack.wait_for(session, "PlanProposed", 3, WAIT).await;
     assert_eq!(plan["prompt_id"], second.to_string());
     stack.stop_runners().await;
 }
@@ -343,8 +312,7 @@ async fn one_tool_ask_is_granted_and_one_denied_with_a_comment_the_model_reads()
 
     let ask = stack
         .wait_for(session, "ToolApprovalRequested", 1, WAIT)
-        .await
-        .unwrap();
+        .await;
     assert!(ask["input_summary"].as_str().unwrap().contains("echo one"));
     let request = ask["request_id"].as_str().unwrap();
     // A member may not answer; an admin may.
@@ -366,8 +334,7 @@ async fn one_tool_ask_is_granted_and_one_denied_with_a_comment_the_model_reads()
         .unwrap();
     let ask = stack
         .wait_for(session, "ToolApprovalRequested", 2, WAIT)
-        .await
-        .unwrap();
+        .await;
     assert!(
         ask["input_summary"]
             .as_str()
@@ -383,10 +350,7 @@ async fn one_tool_ask_is_granted_and_one_denied_with_a_comment_the_model_reads()
         )
         .await
         .unwrap();
-    stack
-        .wait_for(session, "PromptCompleted", 1, WAIT)
-        .await
-        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
 
     let events = stack.events(session).await.unwrap();
     let tools: Vec<(String, String)> = events
@@ -451,15 +415,9 @@ async fn cancelling_a_building_prompt_aborts_the_agent_and_the_queue_goes_on() {
         )
         .await
         .unwrap();
-    let cancelled = stack
-        .wait_for(session, "PromptCancelled", 1, WAIT)
-        .await
-        .unwrap();
+    let cancelled = stack.wait_for(session, "PromptCancelled", 1, WAIT).await;
     assert_eq!(cancelled["was_running"], true);
-    let plan = stack
-        .wait_for(session, "PlanProposed", 2, WAIT)
-        .await
-        .unwrap();
+    let plan = stack.wait_for(session, "PlanProposed", 2, WAIT).await;
     assert_eq!(plan["prompt_id"], second.to_string());
     let types = stack.types(session).await;
     assert!(!types.contains(&"PromptFailed".to_owned()), "{types:?}");
@@ -484,13 +442,9 @@ async fn an_unanswered_tool_ask_fails_the_prompt_after_the_approval_timeout() {
     stack.approve_plan(&admin, session, 1).await;
     stack
         .wait_for(session, "ToolApprovalRequested", 1, WAIT)
-        .await
-        .unwrap();
+        .await;
     let asked = tokio::time::Instant::now();
-    let failed = stack
-        .wait_for(session, "PromptFailed", 1, WAIT)
-        .await
-        .unwrap();
+    let failed = stack.wait_for(session, "PromptFailed", 1, WAIT).await;
     assert_eq!(failed["prompt_id"], prompt.to_string());
     assert!(
         failed["reason"]

@@ -29,17 +29,10 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
         stack.approve_plan(&admin, session, round).await;
         stack
             .wait_for(session, "PromptCompleted", round, WAIT)
-            .await
-            .unwrap();
+            .await;
     }
-    let first = stack
-        .wait_for(session, "CheckpointTaken", 1, WAIT)
-        .await
-        .unwrap();
-    let second = stack
-        .wait_for(session, "CheckpointTaken", 2, WAIT)
-        .await
-        .unwrap();
+    let first = stack.wait_for(session, "CheckpointTaken", 1, WAIT).await;
+    let second = stack.wait_for(session, "CheckpointTaken", 2, WAIT).await;
     assert_eq!(first["files_changed"], json!(["a.txt"]));
     assert_eq!(second["files_changed"], json!(["b.txt"]));
     assert_eq!(first["trigger"], "auto");
@@ -61,10 +54,7 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
         )
         .await
         .unwrap();
-    let manual = stack
-        .wait_for(session, "CheckpointTaken", 3, WAIT)
-        .await
-        .unwrap();
+    let manual = stack.wait_for(session, "CheckpointTaken", 3, WAIT).await;
     assert_eq!(manual["trigger"], "manual");
     assert_eq!(manual["label"], "by hand");
     assert_eq!(manual["files_changed"], json!(["notes.txt"]));
@@ -79,10 +69,7 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
         )
         .await
         .unwrap();
-    let restored = stack
-        .wait_for(session, "CheckpointRestored", 1, WAIT)
-        .await
-        .unwrap();
+    let restored = stack.wait_for(session, "CheckpointRestored", 1, WAIT).await;
     assert_eq!(restored["checkpoint_id"], checkpoint);
     assert!(workspace.join("a.txt").exists());
     assert!(!workspace.join("b.txt").exists());
@@ -93,10 +80,7 @@ async fn checkpoints_restore_and_push_reach_the_workspace_and_the_remote() {
         .post(&admin, &format!("/sessions/{session}/pushes"), json!({}))
         .await
         .unwrap();
-    let pushed = stack
-        .wait_for(session, "BranchPushed", 1, WAIT)
-        .await
-        .unwrap();
+    let pushed = stack.wait_for(session, "BranchPushed", 1, WAIT).await;
     assert_eq!(pushed["commit_sha"], sha);
     let branch = pushed["branch"].as_str().unwrap();
     let remote_sha = git(

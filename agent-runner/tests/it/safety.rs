@@ -32,10 +32,7 @@ async fn secrets_printed_by_tools_are_never_recorded_and_huge_outputs_are_cut() 
         .await
         .unwrap();
     stack.approve_plan(&admin, session, 1).await;
-    stack
-        .wait_for(session, "PromptCompleted", 1, WAIT)
-        .await
-        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
 
     let events = stack.events(session).await.unwrap();
     let everything = serde_json::to_string(&events).unwrap();
@@ -96,10 +93,7 @@ async fn an_agent_that_tries_to_approve_itself_is_refused_recorded_and_stopped()
     let session = stack.start_session(&member, None).await.unwrap();
     let first = stack.prompt(&member, session, "be sneaky").await.unwrap();
     stack.approve_plan(&admin, session, 1).await;
-    let failed = stack
-        .wait_for(session, "PromptFailed", 1, WAIT)
-        .await
-        .unwrap();
+    let failed = stack.wait_for(session, "PromptFailed", 1, WAIT).await;
     assert_eq!(failed["prompt_id"], first.to_string());
     assert!(
         failed["reason"]
@@ -108,24 +102,15 @@ async fn an_agent_that_tries_to_approve_itself_is_refused_recorded_and_stopped()
             .contains("its own agent server"),
         "{failed}"
     );
-    let refused = stack
-        .wait_for(session, "ToolExecuted", 1, WAIT)
-        .await
-        .unwrap();
+    let refused = stack.wait_for(session, "ToolExecuted", 1, WAIT).await;
     assert_eq!(refused["status"], "denied");
     assert!(refused["input_summary"].as_str().unwrap().contains("4096"));
 
     // Hidden from the text check, the attempt still gets nothing from the agent server.
     stack.prompt(&member, session, "be sneakier").await.unwrap();
     stack.approve_plan(&admin, session, 2).await;
-    stack
-        .wait_for(session, "PromptCompleted", 1, WAIT)
-        .await
-        .unwrap();
-    let probe = stack
-        .wait_for(session, "ToolExecuted", 2, WAIT)
-        .await
-        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
+    let probe = stack.wait_for(session, "ToolExecuted", 2, WAIT).await;
     let output = probe["output_summary"].as_str().unwrap();
     assert!(
         !output.contains("200 OK"),

@@ -119,7 +119,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     // do not run; for root a runner that cannot start stops everything.
     let runner = match canopy_agent_runner::build(runner_config, connections).await {
         Ok(runner) => Some(runner),
-        Err(error) if !rustix::process::geteuid().is_root() => {
+        Err(error) if !canopy_local_servers::is_root() => {
             tracing::warn!(error = format!("{error:#}"), "agent runner off");
             None
         }

@@ -118,6 +118,21 @@ pub(crate) enum Inner<'a> {
     Script { script: &'a str, args: &'a [String] },
 }
 
+/// `setpriv` and its arguments that run what follows (ending in `--`) as `uid` and its group:
+/// no supplementary groups, no capabilities, no new privileges.
+pub(crate) fn as_uid(uid: u32) -> Vec<String> {
+    vec![
+        "/usr/bin/setpriv".to_owned(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".to_owned(),
+        "--inh-caps=-all".to_owned(),
+        "--bounding-set=-all".to_owned(),
+        "--no-new-privs".to_owned(),
+        "--".to_owned(),
+    ]
+}
+
 /// The full command: join the cgroup, set rlimits, drop to the uid, bwrap. Run with an empty
 /// environment (bwrap's init keeps the env it was started with, visible at `/proc/1/environ`).
 pub(crate) fn command_line(
@@ -150,17 +165,10 @@ pub(crate) fn command_line(
         "--core=0".to_owned(),
     ];
     argv.extend(rlimits.iter().map(OsString::from));
-    let ids = [format!("--reuid={uid}"), format!("--regid={uid}")];
     argv.push("--".into());
-    argv.push("/usr/bin/setpriv".into());
-    argv.extend(ids.iter().map(OsString::from));
+    argv.extend(as_uid(uid).into_iter().map(OsString::from));
     let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
     push(&[
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        "--no-new-privs",
-        "--",
         "/usr/bin/bwrap",
         "--unshare-all",
         "--unshare-user",

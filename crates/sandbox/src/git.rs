@@ -131,17 +131,9 @@ fn clean_git(program: &mut Command, home: &Path) {
 
 /// `git` as `uid`: no groups, no capabilities, no new privileges.
 fn git_as(uid: u32, allowed: &[String]) -> Command {
-    let mut command = Command::new("/usr/bin/setpriv");
-    command.args([
-        format!("--reuid={uid}"),
-        format!("--regid={uid}"),
-        "--clear-groups".to_owned(),
-        "--inh-caps=-all".to_owned(),
-        "--bounding-set=-all".to_owned(),
-        "--no-new-privs".to_owned(),
-        "--".to_owned(),
-        "git".to_owned(),
-    ]);
+    let setpriv = crate::bwrap::as_uid(uid);
+    let mut command = Command::new(&setpriv[0]);
+    command.args(&setpriv[1..]).arg("git");
     clean_git(&mut command, Path::new("/nonexistent"));
     command.args(protocol_options(allowed));
     command
