@@ -3,7 +3,9 @@
 #
 # With DATABASE_URL and NATS_URL set, the tests use those servers. Otherwise one throwaway
 # PostgreSQL and one nats-server are started for the whole run (temp dirs, free ports) and
-# stopped at the end. Extra arguments go to `cargo nextest run`.
+# stopped at the end. Extra arguments go to `cargo nextest run`. Then scripts/contract.sh proves the
+# API documents from outside: schemathesis, the generated TypeScript client's flow, the docs pages
+# in headless Chromium (CANOPY_SKIP_CONTRACT=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,3 +39,9 @@ if [ -z "${DATABASE_URL:-}" ] || [ -z "${NATS_URL:-}" ]; then
 fi
 
 cargo nextest run --locked --workspace --profile ci "$@"
+
+# The contract step (fuzzer, generated client, docs pages in a browser) runs with the whole suite,
+# not when arguments pick some tests.
+if [ $# -eq 0 ] && [ -z "${CANOPY_SKIP_CONTRACT:-}" ]; then
+  scripts/contract.sh
+fi

@@ -297,9 +297,11 @@ impl Env {
         let mut stops = Vec::new();
 
         let mut command = canopy_command_api::Config::for_database(db.url.clone());
-        command.jwt_secret = SECRET.into();
+        command.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
         command.rate_limit_per_second = 100_000;
         command.rate_limit_burst = 100_000;
+        // prompts pile up in sessions faster than anything drains them
+        command.max_queued_prompts = 1_000_000;
         let app = canopy_command_api::build(command).await?;
         let command = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -551,12 +553,12 @@ impl Env {
             .env("CANOPY_MODEL_ID", SCRIPTED_MODEL_ID)
             .env("CANOPY_MODEL_API_KEY", API_KEY)
             .env("CANOPY_SANDBOX_ROOT", self.dir.path().join("sandboxes"))
-            .env("CANOPY_SANDBOX_IDLE_SECONDS", "600")
+            .env("CANOPY_SANDBOX_IDLE_TIMEOUT", "10m")
             .env("CANOPY_SANDBOX_SHELL_BIN", &self.shell_bin)
             .env("CANOPY_OPENCODE_BIN", &self.opencode_bin)
             .env("CANOPY_RUNNER_GIT_SCHEMES", "https,file")
-            .env("CANOPY_RUNNER_INACTIVITY_SECONDS", "60")
-            .env("CANOPY_RUNNER_DRAIN_SECONDS", "10")
+            .env("CANOPY_RUNNER_INACTIVITY_TIMEOUT", "1m")
+            .env("CANOPY_RUNNER_DRAIN_TIMEOUT", "10s")
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .kill_on_drop(true)

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use canopy_process::Backoff;
 use futures::StreamExt;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -36,7 +37,7 @@ pub const WAKING_EVENTS: [&str; 13] = [
 
 /// Consumes until `stop`; restarts after NATS failures.
 pub(crate) async fn run(supervisor: Supervisor, mut stop: watch::Receiver<bool>) {
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match consume(&supervisor, &mut stop).await {
             Ok(()) => return,
@@ -44,9 +45,8 @@ pub(crate) async fn run(supervisor: Supervisor, mut stop: watch::Receiver<bool>)
                 tracing::warn!(%error, "runner consumer failed; restarting");
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -55,19 +55,10 @@ pub(crate) async fn run(supervisor: Supervisor, mut stop: watch::Receiver<bool>)
 async fn consume(supervisor: &Supervisor, stop: &mut watch::Receiver<bool>) -> Result<(), String> {
     let ctx = supervisor.ctx().clone();
     let jetstream = jetstream::new(ctx.nats.clone());
-    let mut wait = Duration::from_millis(100);
-    let stream = loop {
-        match jetstream.get_stream(&ctx.connections.stream_name).await {
-            Ok(stream) => break stream,
-            Err(error) => {
-                tracing::info!(%error, stream = %ctx.connections.stream_name, "waiting for the event stream");
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
+    let Some(stream) =
+        canopy_relay::wait_for_stream(&jetstream, &ctx.connections.stream_name, stop).await
+    else {
+        return Ok(());
     };
     let durable = ctx.config.consumer_name.clone();
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
@@ -100,6 +91,8 @@ async fn consume(supervisor: &Supervisor, stop: &mut watch::Receiver<bool>) -> R
                 match supervisor.poke(session).await {
                     Ok(Poked::Driving | Poked::HeldElsewhere) => AckKind::Ack,
                     Ok(Poked::Full) => AckKind::Nak(Some(Duration::from_secs(2))),
+                    // over its workspace's cap: back in a while, until a slot frees
+                    Ok(Poked::Queued) => AckKind::Nak(Some(QUEUED_RETRY)),
                     Err(error) => {
                         tracing::warn!(%error, %session, "cannot take the session");
                         AckKind::Nak(Some(Duration::from_secs(1)))
@@ -113,6 +106,9 @@ async fn consume(supervisor: &Supervisor, stop: &mut watch::Receiver<bool>) -> R
         }
     }
 }
+
+/// How soon a session over its workspace's cap is tried again.
+const QUEUED_RETRY: Duration = Duration::from_secs(2);
 
 /// `(session id, event type)` from `<prefix>.session.<id>.<type>`.
 fn parse<'a>(subject: &'a str, prefix: &str) -> Option<(Uuid, &'a str)> {

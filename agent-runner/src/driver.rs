@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use canopy_domain::SessionStatus;
 use canopy_opencode::{Agent, CreateSession, OpenCodeClient, Prompt, PromptPart};
+use canopy_process::Backoff;
 use canopy_sandbox::{ActiveSandbox, CommitRequest, GitCredentials, PushRequest, SandboxSpec};
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -221,7 +222,7 @@ impl Driver {
             Ok(orphaned) => self.local.orphaned_build = orphaned,
             Err(error) => tracing::warn!(%error, "cannot read the session's lease"),
         }
-        let mut pause = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             if self.lost.load(Ordering::Relaxed) {
                 tracing::warn!(session = %self.session_id, "lease lost; another runner drives the session");
@@ -239,19 +240,18 @@ impl Driver {
                 if let Err(error) = view.refresh(&self.ctx.pool).await {
                     tracing::warn!(%error, session = %self.session_id, "cannot read the session");
                     drop(view);
-                    self.pause(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
+                    self.pause(backoff.next_delay()).await;
                     continue;
                 }
                 decide(
                     &view,
                     &self.local,
                     self.ctx.config.max_plan_rounds,
-                    self.ctx.config.approval_timeout(),
+                    self.ctx.config.approval_timeout,
                     Utc::now(),
                 )
             };
-            pause = Duration::from_millis(200);
+            backoff.reset();
             tracing::debug!(session = %self.session_id, ?next, "next step");
             let result = match next {
                 Next::Idle => {
@@ -281,8 +281,7 @@ impl Driver {
             };
             if let Err(error) = result {
                 tracing::warn!(%error, session = %self.session_id, "step failed; trying again");
-                self.pause(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
+                self.pause(backoff.next_delay()).await;
             }
         }
     }

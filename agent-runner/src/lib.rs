@@ -21,6 +21,7 @@
 //! shutdown future resolves, then drains: drivers finish their current step and hand their
 //! sessions back.
 
+pub mod budget;
 pub mod consumer;
 pub mod driver;
 pub mod lease;
@@ -40,7 +41,8 @@ use std::time::Duration;
 use anyhow::Context;
 use canopy_event_store::{DbConfig, PgPool};
 use canopy_sandbox::{
-    BubblewrapConfig, BubblewrapProvider, ModelUpstream, SandboxManager, SandboxProvider,
+    BubblewrapConfig, BubblewrapProvider, ModelUpstream, SandboxManager, SandboxMode,
+    SandboxProvider,
 };
 
 pub use supervisor::Supervisor;
@@ -65,9 +67,10 @@ pub struct Config {
     /// Sessions one runner drives at once.
     #[arg(long, env = "CANOPY_RUNNER_MAX_SESSIONS", default_value_t = 8)]
     pub max_sessions: usize,
-    /// Seconds a lease lasts without renewal; another runner takes a session over after it.
-    #[arg(long, env = "CANOPY_RUNNER_LEASE_SECONDS", default_value_t = 30)]
-    pub lease_seconds: u64,
+    /// How long a lease lasts without renewal; another runner takes a session over after it (at
+    /// least 2s).
+    #[arg(long = "runner-lease", env = "CANOPY_RUNNER_LEASE", value_parser = canopy_config::parse_duration, default_value = "30s")]
+    pub lease: Duration,
     /// The durable consumer's name (shared by every runner).
     #[arg(
         long,
@@ -90,17 +93,36 @@ pub struct Config {
         hide_env_values = true
     )]
     pub model_api_key: String,
-    /// Where sandboxes live; it and its parents must be root's (default
+    /// Where sandboxes live; as root, it and its parents must be root's (default
     /// `/var/lib/canopy/sandboxes`, or `sandboxes` in `canopy up`'s data folder).
     #[arg(long, env = "CANOPY_SANDBOX_ROOT")]
     pub sandbox_root: Option<PathBuf>,
+    /// Run sandboxes rootless even as root: all as this process's uid, each in bwrap's own user
+    /// namespace, no uid per sandbox (a normal user always runs them so; docs/security.md).
+    #[arg(long, env = "CANOPY_SANDBOX_ROOTLESS")]
+    pub sandbox_rootless: bool,
     /// Sandboxes starting at once (an OpenCode boot is CPU-bound; too many at once on few
     /// cores miss the start-up deadline). Default: the number of cores.
     #[arg(long, env = "CANOPY_RUNNER_SANDBOX_STARTS")]
     pub sandbox_starts: Option<usize>,
-    /// Seconds a sandbox stays up with nothing to do.
-    #[arg(long, env = "CANOPY_SANDBOX_IDLE_SECONDS", default_value_t = 300)]
-    pub sandbox_idle_seconds: u64,
+    /// Tokens (as the model provider reports them) one sandbox may use over its life in this
+    /// runner; past it, its model calls get 429 from the model proxy. Unset: no limit.
+    #[arg(long, env = "CANOPY_SANDBOX_MODEL_TOKEN_BUDGET")]
+    pub sandbox_model_token_budget: Option<u64>,
+    /// What one sandbox may keep on disk (its workspace, home and run directory together), in
+    /// bytes (`4GiB`, `512MiB`). As root a filesystem image of its own enforces it; rootless
+    /// a periodic check stops a sandbox over it.
+    #[arg(long, env = "CANOPY_SANDBOX_DISK", value_parser = canopy_config::parse_bytes, default_value = "4GiB")]
+    pub sandbox_disk: u64,
+    /// Files and directories one sandbox may keep (its disk image's inode count as root).
+    #[arg(long, env = "CANOPY_SANDBOX_DISK_INODES", default_value_t = 262_144)]
+    pub sandbox_disk_inodes: u64,
+    /// Rootless: how often each running sandbox's disk usage is measured.
+    #[arg(long, env = "CANOPY_SANDBOX_DISK_CHECK_INTERVAL", value_parser = canopy_config::parse_duration, default_value = "10s")]
+    pub sandbox_disk_check_interval: Duration,
+    /// How long a sandbox stays up with nothing to do (at least 1s).
+    #[arg(long, env = "CANOPY_SANDBOX_IDLE_TIMEOUT", value_parser = canopy_config::parse_duration, default_value = "5m")]
+    pub sandbox_idle_timeout: Duration,
     /// Workspaces whose agents run bash without asking a person (all others ask).
     #[arg(
         long,
@@ -114,15 +136,15 @@ pub struct Config {
     /// Model calls in one turn.
     #[arg(long, env = "CANOPY_RUNNER_MAX_STEPS", default_value_t = 50)]
     pub max_steps: usize,
-    /// Seconds of agent work per turn, not counting time waiting for people.
-    #[arg(long, env = "CANOPY_RUNNER_AGENT_SECONDS", default_value_t = 900)]
-    pub agent_seconds: u64,
-    /// Seconds without any sign of life from the agent before its turn is stopped.
-    #[arg(long, env = "CANOPY_RUNNER_INACTIVITY_SECONDS", default_value_t = 120)]
-    pub inactivity_seconds: u64,
-    /// Seconds a plan or tool approval may wait for a person before the prompt fails.
-    #[arg(long, env = "CANOPY_RUNNER_APPROVAL_SECONDS", default_value_t = 86_400)]
-    pub approval_seconds: u64,
+    /// Agent work per turn, not counting time waiting for people (at least 1s).
+    #[arg(long, env = "CANOPY_RUNNER_AGENT_TIME", value_parser = canopy_config::parse_duration, default_value = "15m")]
+    pub agent_time: Duration,
+    /// How long the agent may show no sign of life before its turn is stopped (at least 1s).
+    #[arg(long, env = "CANOPY_RUNNER_INACTIVITY_TIMEOUT", value_parser = canopy_config::parse_duration, default_value = "2m")]
+    pub inactivity_timeout: Duration,
+    /// How long a plan or tool approval may wait for a person before the prompt fails.
+    #[arg(long, env = "CANOPY_RUNNER_APPROVAL_TIMEOUT", value_parser = canopy_config::parse_duration, default_value = "1d")]
+    pub approval_timeout: Duration,
     /// Repository URL schemes sandboxes may clone and push (`file` only for development).
     #[arg(
         long,
@@ -134,14 +156,15 @@ pub struct Config {
     /// User name for pushes (with CANOPY_GIT_PASSWORD); never given to a sandbox.
     #[arg(long, env = "CANOPY_GIT_USERNAME")]
     pub git_username: Option<String>,
+    /// Password or token for pushes (with CANOPY_GIT_USERNAME); never given to a sandbox.
     #[arg(long, env = "CANOPY_GIT_PASSWORD", hide_env_values = true)]
     pub git_password: Option<String>,
     /// Largest recorded tool input or output, in bytes (the full size is noted).
     #[arg(long, env = "CANOPY_RUNNER_TOOL_OUTPUT_BYTES", default_value_t = 8 * 1024)]
     pub tool_output_bytes: usize,
-    /// Seconds to finish in-flight work after a stop signal before handing sessions back.
-    #[arg(long, env = "CANOPY_RUNNER_DRAIN_SECONDS", default_value_t = 30)]
-    pub drain_seconds: u64,
+    /// How long in-flight work may go on after a stop signal before sessions are handed back.
+    #[arg(long, env = "CANOPY_RUNNER_DRAIN_TIMEOUT", value_parser = canopy_config::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -156,12 +179,24 @@ impl Config {
         Defaults::parse_from(["agent-runner"]).config
     }
 
+    /// The lease's lifetime: as configured, but at least 2 s (drivers renew every third of it).
     pub fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(self.lease_seconds.max(2))
+        self.lease.max(Duration::from_secs(2))
     }
 
-    pub fn approval_timeout(&self) -> Duration {
-        Duration::from_secs(self.approval_seconds)
+    /// Agent work per turn, at least 1 s.
+    pub fn agent_time(&self) -> Duration {
+        self.agent_time.max(Duration::from_secs(1))
+    }
+
+    /// Silence from the agent before its turn stops, at least 1 s.
+    pub fn inactivity_timeout(&self) -> Duration {
+        self.inactivity_timeout.max(Duration::from_secs(1))
+    }
+
+    /// A sandbox's idle time before it stops, at least 1 s.
+    pub fn sandbox_idle_timeout(&self) -> Duration {
+        self.sandbox_idle_timeout.max(Duration::from_secs(1))
     }
 }
 
@@ -169,6 +204,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Connections {
     pub database_url: String,
+    /// One NATS URL or several, comma-separated (a cluster's nodes).
     pub nats_url: String,
     /// The relay's stream and subject prefix.
     pub stream_name: String,
@@ -200,6 +236,20 @@ pub struct Ctx {
     pub sandbox_starts: tokio::sync::Semaphore,
     /// Sessions whose sandbox this runner started and has not seen stop.
     started_sandboxes: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// How the sandboxes are isolated, as the status endpoint shows it.
+    pub sandbox_isolation: SandboxIsolation,
+}
+
+/// How this runner's sandboxes are isolated, decided once at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxIsolation {
+    /// Root (a uid per sandbox) or rootless (the runner's uid, bwrap's user namespace).
+    pub mode: SandboxMode,
+    /// Whether each sandbox gets a memory and pids cgroup.
+    pub cgroups: bool,
+    /// Whether each sandbox's disk quota is a filesystem of its own (root) rather than a
+    /// periodic check that stops it once over (rootless).
+    pub disk_quota_hard: bool,
 }
 
 impl Ctx {
@@ -289,9 +339,12 @@ pub async fn build(config: Config, connections: Connections) -> anyhow::Result<A
     let pool = canopy_event_store::connect(&db)
         .await
         .context("connect to the database")?;
-    let nats = async_nats::connect(&connections.nats_url)
-        .await
-        .context("connect to NATS")?;
+    let nats = canopy_config::connect_nats(
+        &connections.nats_url,
+        "canopy-agent-runner",
+        Duration::from_secs(30),
+    )
+    .await?;
     let (upstream, demo_model) = match &config.model_base_url {
         Some(url) => (
             ModelUpstream {
@@ -327,13 +380,30 @@ pub async fn build(config: Config, connections: Connections) -> anyhow::Result<A
     .context("sandbox root")?;
     let mut sandbox_config = BubblewrapConfig::new(sandbox_root, upstream);
     sandbox_config.clone.allowed_schemes = config.git_schemes.clone();
+    sandbox_config.model_limits.token_budget = config.sandbox_model_token_budget;
+    sandbox_config.force_rootless = config.sandbox_rootless;
+    sandbox_config.limits.disk = canopy_sandbox::DiskQuota {
+        bytes: config.sandbox_disk,
+        inodes: config.sandbox_disk_inodes,
+        check_interval: config
+            .sandbox_disk_check_interval
+            .max(Duration::from_millis(100)),
+    };
     let provider = tokio::task::block_in_place(|| BubblewrapProvider::new(sandbox_config))
-        .context("prepare the sandboxes (they need root, bwrap, socat and setpriv)")?;
-    let provider: Arc<dyn SandboxProvider> = Arc::new(provider);
-    let sandboxes = SandboxManager::new(
-        provider,
-        Duration::from_secs(config.sandbox_idle_seconds.max(1)),
+        .context("prepare the sandboxes (they need bwrap, prlimit, socat, and as root setpriv)")?;
+    let sandbox_isolation = SandboxIsolation {
+        mode: provider.mode(),
+        cgroups: provider.cgroups().is_available(),
+        disk_quota_hard: provider.disk_quota_hard(),
+    };
+    tracing::info!(
+        mode = sandbox_isolation.mode.as_str(),
+        cgroups = sandbox_isolation.cgroups,
+        disk_quota_hard = sandbox_isolation.disk_quota_hard,
+        "sandboxes ready"
     );
+    let provider: Arc<dyn SandboxProvider> = Arc::new(provider);
+    let sandboxes = SandboxManager::new(provider, config.sandbox_idle_timeout());
     let runner_id = config.runner_id.clone().unwrap_or_else(default_runner_id);
     let recorder = record::Recorder::new(&connections.command_api_url, &connections.runner_token)?;
     let listener = tokio::net::TcpListener::bind(config.status_listen)
@@ -367,6 +437,7 @@ pub async fn build(config: Config, connections: Connections) -> anyhow::Result<A
         sandboxes,
         wake_prefix,
         started_sandboxes: std::sync::Mutex::default(),
+        sandbox_isolation,
     });
     Ok(App {
         listener,
@@ -403,10 +474,10 @@ impl App {
                 }),
             );
             let (stop_status, stopped) = tokio::sync::oneshot::channel::<()>();
-            let serve = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            let serve = canopy_http::serve::serve(self.listener, router, async move {
                 let _ = stopped.await;
             });
-            (tokio::spawn(async move { serve.await }), stop_status)
+            (tokio::spawn(serve), stop_status)
         };
         let result = supervisor.run_until(shutdown).await;
         let _ = status.1.send(());

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use canopy_process::Backoff;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -43,19 +44,28 @@ impl RecordError {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     http: reqwest::Client,
-    base: String,
+    /// command-api's base URLs: a retry goes to the next one (several processes without a load
+    /// balancer in front, or one behind it).
+    bases: Vec<String>,
     token: String,
     attempts: u32,
 }
 
 impl Recorder {
+    /// `base` is one URL or several, comma-separated.
     pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        anyhow::ensure!(!bases.is_empty(), "no command-api URL");
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
-            base: base.trim_end_matches('/').to_owned(),
+            bases,
             token: token.to_owned(),
             attempts: 8,
         })
@@ -69,11 +79,13 @@ impl Recorder {
         key: &str,
         body: &impl Serialize,
     ) -> Result<Value, RecordError> {
-        let url = format!("{}/runner/sessions/{session}/{path}", self.base);
         let key = idempotency_key(key);
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut last = String::new();
         for attempt in 1..=self.attempts {
+            let mut pause = backoff.next_delay();
+            let base = &self.bases[(attempt as usize - 1) % self.bases.len()];
+            let url = format!("{base}/runner/sessions/{session}/{path}");
             let sent = self
                 .http
                 .post(&url)
@@ -120,7 +132,6 @@ impl Recorder {
             }
             tracing::debug!(%url, attempt, %last, "report not recorded yet; retrying");
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
         Err(RecordError::Unavailable {
             path: path.to_owned(),

@@ -30,6 +30,9 @@ pub enum Poked {
     HeldElsewhere,
     /// This runner is full or stopping: leave the message for later or for another runner.
     Full,
+    /// The session's workspace runs as many sessions as its cap allows: the session stays
+    /// queued and its wake-up comes back later.
+    Queued,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Sessions this runner found over their workspace's cap (for the status endpoint).
+    queued: std::sync::Mutex<std::collections::BTreeSet<Uuid>>,
 }
 
 impl Supervisor {
@@ -56,6 +61,7 @@ impl Supervisor {
                 permits,
                 stop: watch::channel(false).0,
                 tasks: std::sync::Mutex::new(JoinSet::new()),
+                queued: std::sync::Mutex::default(),
             }),
         }
     }
@@ -79,12 +85,33 @@ impl Supervisor {
             return Ok(Poked::Full);
         };
         let ctx = &inner.ctx;
-        if !lease::acquire(&ctx.pool, session, &ctx.runner_id, ctx.config.lease_ttl()).await? {
-            let subject = format!("{}.{session}", ctx.wake_prefix);
-            if let Err(error) = ctx.nats.publish(subject, "".into()).await {
-                tracing::debug!(%error, "cannot pass the wake-up on");
+        match lease::take(&ctx.pool, session, &ctx.runner_id, ctx.config.lease_ttl()).await? {
+            lease::Taken::Held => {
+                inner
+                    .queued
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&session);
             }
-            return Ok(Poked::HeldElsewhere);
+            lease::Taken::Elsewhere => {
+                let subject = format!("{}.{session}", ctx.wake_prefix);
+                if let Err(error) = ctx.nats.publish(subject, "".into()).await {
+                    tracing::debug!(%error, "cannot pass the wake-up on");
+                }
+                return Ok(Poked::HeldElsewhere);
+            }
+            lease::Taken::Capped { cap } => {
+                let newly = inner
+                    .queued
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(session);
+                if newly {
+                    tracing::info!(%session, cap, "the workspace runs as many sessions as its cap allows; the session waits");
+                    metrics::counter!("canopy_runner_sessions_capped_total").increment(1);
+                }
+                return Ok(Poked::Queued);
+            }
         }
         let (wake, wake_rx) = watch::channel(0u64);
         drivers.insert(session, wake);
@@ -165,11 +192,25 @@ impl Supervisor {
         let drivers = self.inner.drivers.lock().await;
         let mut sessions: Vec<String> = drivers.keys().map(Uuid::to_string).collect();
         sessions.sort();
+        let queued: Vec<String> = self
+            .inner
+            .queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(Uuid::to_string)
+            .collect();
         serde_json::json!({
             "runner_id": self.inner.ctx.runner_id,
             "sessions": sessions,
+            "queued_by_cap": queued,
             "max_sessions": self.inner.ctx.config.max_sessions,
             "draining": *self.inner.stop.borrow(),
+            "sandbox": {
+                "mode": self.inner.ctx.sandbox_isolation.mode.as_str(),
+                "cgroups": self.inner.ctx.sandbox_isolation.cgroups,
+                "disk_quota_hard": self.inner.ctx.sandbox_isolation.disk_quota_hard,
+            },
         })
     }
 
@@ -194,7 +235,7 @@ impl Supervisor {
         while background.join_next().await.is_some() {}
         let mut tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        let drained = tokio::time::timeout(Duration::from_secs(ctx.config.drain_seconds), async {
+        let drained = tokio::time::timeout(ctx.config.drain_timeout, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
@@ -262,7 +303,8 @@ async fn listen_for_wakes(supervisor: Supervisor, mut stop: watch::Receiver<bool
     }
 }
 
-/// Records `SandboxStopped` when a sandbox this runner started idles out.
+/// Records `SandboxStopped` when a sandbox this runner started idles out, or is found ended on
+/// its own (over its disk quota, at its wall-time cap, crashed) by its next use.
 async fn record_sandbox_stops(supervisor: Supervisor, mut stop: watch::Receiver<bool>) {
     let ctx = supervisor.ctx().clone();
     let mut events = ctx.sandboxes.subscribe();
@@ -279,6 +321,8 @@ async fn record_sandbox_stops(supervisor: Supervisor, mut stop: watch::Receiver<
                 let reason = match reason {
                     canopy_sandbox::StopReason::Idle => "idle",
                     canopy_sandbox::StopReason::Archived => "archived",
+                    canopy_sandbox::StopReason::DiskQuota => "over its disk quota",
+                    canopy_sandbox::StopReason::Exited => "exited",
                 };
                 ctx.record_sandbox_stopped(session, reason).await;
             }

@@ -15,6 +15,10 @@
 //! - **Limits.** OpenCode's own hangs, retries and cut streams are stopped by
 //!   [`canopy_opencode::run_turn`]; the agent-time limit here excludes the time spent waiting for
 //!   people, and a cancelled prompt aborts the turn.
+//! - **Budgets.** The turn starts with the sandbox's model proxy held to the tokens the
+//!   workspace's budgets leave the session, and its agent-time limit to the session's seconds
+//!   left; after each usage it records it reads the budgets again, and a spent one stops the
+//!   turn as the agent-time limit does, with a `budget_exhausted:` reason ([`crate::budget`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +34,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::Ctx;
+use crate::budget;
 use crate::record::RecordError;
 use crate::view::SessionView;
 
@@ -77,22 +82,81 @@ pub struct TurnReport {
 
 /// Runs one turn and records what the agent did.
 pub async fn run(setup: TurnSetup<'_>, prompt: Prompt) -> TurnReport {
+    let budgets = budget::standings(&setup.ctx.pool, setup.session_id, setup.prompt_id)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the budgets; the turn runs without them");
+            Vec::new()
+        });
+    if let Some(reason) = budget::exhausted(&budgets, Duration::ZERO) {
+        return TurnReport {
+            final_text: String::new(),
+            failure: Some(reason),
+            cancelled: false,
+        };
+    }
+    let model_usage = setup
+        .ctx
+        .sandboxes
+        .provider()
+        .model_usage(&setup.session_id.to_string())
+        .await;
+    if let Some(usage) = &model_usage {
+        let left = budget::tokens_left(&budgets);
+        usage.set_ceiling(left.map(|left| usage.tokens().saturating_add(left)));
+    }
+    let limits = Limits {
+        agent_time: setup.ctx.config.agent_time(),
+        budget_agent_time: budget::agent_time_left(&budgets),
+        budgets: !budgets.is_empty(),
+        model_usage,
+    };
+    let mut report = run_limited(&setup, prompt, &limits).await;
+    // A model call the proxy refused fails the turn as the model's error; say why.
+    if !report.cancelled
+        && limits.budgets
+        && report
+            .failure
+            .as_deref()
+            .is_some_and(|f| !f.starts_with(budget::EXHAUSTED))
+        && let Ok(now) = budget::standings(&setup.ctx.pool, setup.session_id, setup.prompt_id).await
+        && let Some(reason) = budget::exhausted(&now, Duration::ZERO)
+    {
+        report.failure = Some(reason);
+    }
+    report
+}
+
+/// What holds a turn back besides OpenCode's own limits.
+#[derive(Debug)]
+struct Limits {
+    /// The configured agent-time limit of a turn.
+    agent_time: Duration,
+    /// What the session's agent-time budget leaves, when one is set.
+    budget_agent_time: Option<Duration>,
+    /// Whether any budget applies (then they are read again after each recorded usage).
+    budgets: bool,
+    /// The sandbox's model usage, whose ceiling closes when a budget is spent.
+    model_usage: Option<Arc<canopy_sandbox::ModelUsage>>,
+}
+
+async fn run_limited(setup: &TurnSetup<'_>, prompt: Prompt, limits: &Limits) -> TurnReport {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let (reports, receiver) = mpsc::unbounded_channel();
     let mut handler = Handler {
-        setup: &setup,
+        setup,
         shared: shared.clone(),
         reports,
     };
     let config = &setup.ctx.config;
     let policy = TurnPolicy {
-        inactivity_timeout: Duration::from_secs(config.inactivity_seconds.max(1)),
+        inactivity_timeout: config.inactivity_timeout(),
         // The agent-time limit (people's time excluded) is the watcher's; this is an outer bound.
-        turn_timeout: Duration::from_secs(config.agent_seconds + config.approval_seconds),
+        turn_timeout: config.agent_time() + config.approval_timeout,
         max_steps: config.max_steps,
         ..TurnPolicy::default()
     };
-    let recorder = record_reports(&setup, receiver, shared.clone());
+    let recorder = record_reports(setup, receiver, shared.clone());
     let started = Instant::now();
     let work = async {
         let outcome = {
@@ -104,7 +168,7 @@ pub async fn run(setup: TurnSetup<'_>, prompt: Prompt) -> TurnReport {
                 &policy,
             );
             tokio::pin!(turn);
-            let watch = watch_turn(&setup, &shared, started);
+            let watch = watch_turn(setup, &shared, started, limits);
             tokio::pin!(watch);
             tokio::select! {
                 outcome = &mut turn => outcome,
@@ -141,7 +205,7 @@ pub async fn run(setup: TurnSetup<'_>, prompt: Prompt) -> TurnReport {
                 })
                 .collect();
             for item in missed {
-                record_one(&setup, &shared, item).await;
+                record_one(setup, &shared, item).await;
             }
             let failure = match &outcome.end {
                 TurnEnd::Completed | TurnEnd::Aborted => None,
@@ -190,6 +254,8 @@ struct Shared {
     call_waits: HashMap<String, Duration>,
     /// Text parts by message, as last updated.
     texts: HashMap<String, Vec<(String, String)>>,
+    /// A usage was recorded since the watcher last read the budgets.
+    usage_recorded: bool,
 }
 
 impl Shared {
@@ -392,7 +458,7 @@ impl Handler<'_, '_> {
     async fn wait_for_answer(&mut self, request_id: Uuid) -> PermissionReply {
         let setup = self.setup;
         let mut wake = setup.wake.clone();
-        let timeout = setup.ctx.config.approval_timeout();
+        let timeout = setup.ctx.config.approval_timeout;
         loop {
             {
                 let mut view = setup.view.lock().await;
@@ -446,8 +512,10 @@ async fn watch_turn(
     setup: &TurnSetup<'_>,
     shared: &Arc<Mutex<Shared>>,
     started: Instant,
+    limits: &Limits,
 ) -> std::convert::Infallible {
-    let limit = Duration::from_secs(setup.ctx.config.agent_seconds.max(1));
+    let limit = limits.agent_time;
+    let budget_limit = limits.budget_agent_time.filter(|left| *left < limit);
     let mut wake = setup.wake.clone();
     let mut running = true;
     let mut last_read = Instant::now();
@@ -465,10 +533,43 @@ async fn watch_turn(
                 last_read = Instant::now();
             }
         }
+        // After a recorded usage the ledger has moved: read the budgets again.
+        let spent = {
+            let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let check = limits.budgets && !shared.aborted && shared.usage_recorded;
+            shared.usage_recorded = false;
+            check.then(|| shared.agent_time(started))
+        };
+        let spent = match spent {
+            Some(agent_time) => {
+                match budget::standings(&setup.ctx.pool, setup.session_id, setup.prompt_id).await {
+                    Ok(now) => budget::exhausted(&now, agent_time),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the budgets");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let abort = {
             let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
             if shared.aborted {
                 false
+            } else if let Some(reason) = spent {
+                shared.failure = Some(reason);
+                shared.aborted = true;
+                true
+            } else if let Some(left) = budget_limit
+                && shared.agent_time(started) > left
+            {
+                shared.failure = Some(format!(
+                    "{}: the session_agent_seconds budget (session:{}) is spent",
+                    budget::EXHAUSTED,
+                    setup.session_id
+                ));
+                shared.aborted = true;
+                true
             } else if !running {
                 shared.cancelled = true;
                 shared.aborted = true;
@@ -485,7 +586,20 @@ async fn watch_turn(
             }
         };
         if abort {
-            tracing::info!(session = %setup.session_id, prompt = %setup.prompt_id, "aborting the turn");
+            let failure = shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .failure
+                .clone();
+            if let Some(usage) = &limits.model_usage
+                && failure
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with(budget::EXHAUSTED))
+            {
+                // the proxy refuses whatever the agent still tries before the abort lands
+                usage.set_ceiling(Some(usage.tokens()));
+            }
+            tracing::info!(session = %setup.session_id, prompt = %setup.prompt_id, ?failure, "aborting the turn");
             if let Err(error) = setup.client.abort(setup.opencode_session).await {
                 tracing::warn!(%error, "could not abort the turn");
             }
@@ -607,7 +721,14 @@ async fn record_one(setup: &TurnSetup<'_>, shared: &Arc<Mutex<Shared>>, report: 
         .post(setup.session_id, path, &key, &body)
         .await
     {
-        Ok(_) => {}
+        Ok(_) => {
+            if let Report::Usage { .. } = report {
+                shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .usage_recorded = true;
+            }
+        }
         // The prompt ended meanwhile (cancelled): nothing more is recorded for it.
         Err(error @ RecordError::Refused { .. }) => {
             tracing::debug!(%error, "report refused")

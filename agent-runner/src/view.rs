@@ -100,8 +100,16 @@ impl SessionView {
 
     /// Reads the events after the last one seen. Returns how many were new.
     pub async fn refresh(&mut self, pool: &PgPool) -> Result<usize, sqlx::Error> {
-        let rows: Vec<(i64, serde_json::Value, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT sequence, payload, metadata, recorded_at FROM events
+        type Row = (
+            i64,
+            String,
+            String,
+            serde_json::Value,
+            serde_json::Value,
+            DateTime<Utc>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT sequence, event_type, event_version, payload, metadata, recorded_at FROM events
                   WHERE aggregate_type = 'session' AND aggregate_id = $1 AND sequence > $2
                   ORDER BY sequence",
         )
@@ -110,8 +118,8 @@ impl SessionView {
         .fetch_all(pool)
         .await?;
         let count = rows.len();
-        for (sequence, payload, metadata, recorded_at) in rows {
-            match serde_json::from_value::<SessionEvent>(payload) {
+        for (sequence, event_type, version, payload, metadata, recorded_at) in rows {
+            match canopy_domain::upcast::decode_session_event(&event_type, &version, payload) {
                 Ok(event) => self.apply(sequence, event, &metadata, recorded_at),
                 Err(error) => {
                     tracing::error!(%error, session = %self.session_id, sequence, "an event the runner cannot read")

@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use canopy_domain::DomainError;
+use canopy_domain::{DomainError, Refusal};
 
-pub use canopy_http::{FieldError, Problem};
+pub use canopy_http::{BudgetShortfall, FieldError, Problem};
+
+/// How long a client should wait before submitting to a full prompt queue again: about as long
+/// as a short prompt runs.
+const PROMPT_QUEUE_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// Every error the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +46,14 @@ pub enum ApiError {
     ConcurrencyConflict { retry_after: Duration },
     #[error("too many requests")]
     RateLimited { retry_after: Duration },
+    #[error("the {} budget is spent ({} of {} {} used or reserved)", .0.budget, .0.spent + .0.reserved, .0.limit, .0.unit)]
+    BudgetExhausted(Box<BudgetShortfall>),
     #[error("{what} does not exist in this workspace")]
     Reference { code: &'static str, what: String },
     #[error("{0}")]
     Domain(DomainError),
+    #[error("{0}")]
+    Target(canopy_webhook::TargetError),
     #[error("no such route")]
     RouteNotFound,
     #[error("method not allowed")]
@@ -62,55 +70,49 @@ impl ApiError {
         Self::Internal(error.into())
     }
 
-    /// The stable code clients match on.
-    pub fn code(&self) -> &'static str {
+    /// The one table from error to its stable code and HTTP status. No arm is a catch-all: a
+    /// new error (or a new kind of domain refusal) does not compile until it is given both.
+    pub fn describe(&self) -> (&'static str, StatusCode) {
         match self {
-            Self::Unauthorized => "unauthorized",
-            Self::MalformedJson(_) => "malformed_json",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::Validation(_) => "validation_failed",
-            Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::PromptTooLarge { .. } => "prompt_too_large",
-            Self::InvalidHeader { .. } => "invalid_header",
-            Self::IdempotencyKeyRequired => "idempotency_key_required",
-            Self::IdempotencyKeyReused => "idempotency_key_reused",
-            Self::IdempotencyInFlight => "idempotency_key_in_flight",
-            Self::VersionMismatch { .. } => "version_mismatch",
-            Self::ConcurrencyConflict { .. } => "concurrency_conflict",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::Reference { code, .. } => code,
-            Self::Domain(error) => error.code(),
-            Self::RouteNotFound => "route_not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Unavailable => "unavailable",
-            Self::Internal(_) => "internal",
+            Self::Unauthorized => ("unauthorized", StatusCode::UNAUTHORIZED),
+            Self::MalformedJson(_) => ("malformed_json", StatusCode::BAD_REQUEST),
+            Self::UnsupportedMediaType => {
+                ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            }
+            Self::Validation(_) => ("validation_failed", StatusCode::UNPROCESSABLE_ENTITY),
+            Self::PayloadTooLarge { .. } => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            Self::PromptTooLarge { .. } => ("prompt_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            Self::InvalidHeader { .. } => ("invalid_header", StatusCode::BAD_REQUEST),
+            Self::IdempotencyKeyRequired => ("idempotency_key_required", StatusCode::BAD_REQUEST),
+            Self::IdempotencyKeyReused => {
+                ("idempotency_key_reused", StatusCode::UNPROCESSABLE_ENTITY)
+            }
+            Self::IdempotencyInFlight => ("idempotency_key_in_flight", StatusCode::CONFLICT),
+            Self::VersionMismatch { .. } => ("version_mismatch", StatusCode::CONFLICT),
+            Self::ConcurrencyConflict { .. } => ("concurrency_conflict", StatusCode::CONFLICT),
+            Self::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
+            // not a rate (429) nor a conflict with the aggregate (409): the workspace's own
+            // spending limit, which only more budget or time (a new period, prompts finishing)
+            // lifts; clients tell it apart by status alone
+            Self::BudgetExhausted(_) => ("budget_exhausted", StatusCode::PAYMENT_REQUIRED),
+            Self::Reference { code, .. } => (code, StatusCode::UNPROCESSABLE_ENTITY),
+            Self::Domain(error) => (error.code(), refusal_status(error.refusal())),
+            Self::Target(error) => (error.code(), StatusCode::UNPROCESSABLE_ENTITY),
+            Self::RouteNotFound => ("route_not_found", StatusCode::NOT_FOUND),
+            Self::MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
+            Self::Unavailable => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            Self::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 
-    /// The one table from error to HTTP status.
+    /// The stable code clients match on.
+    pub fn code(&self) -> &'static str {
+        self.describe().0
+    }
+
+    /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::MalformedJson(_) | Self::InvalidHeader { .. } | Self::IdempotencyKeyRequired => {
-                StatusCode::BAD_REQUEST
-            }
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Validation(_) | Self::IdempotencyKeyReused | Self::Reference { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            Self::PayloadTooLarge { .. } | Self::PromptTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            Self::IdempotencyInFlight
-            | Self::VersionMismatch { .. }
-            | Self::ConcurrencyConflict { .. } => StatusCode::CONFLICT,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Domain(error) => domain_status(error),
-            Self::RouteNotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.describe().1
     }
 
     /// Seconds a client should wait before retrying, when retrying can help.
@@ -120,6 +122,7 @@ impl ApiError {
                 Some(*retry_after)
             }
             Self::IdempotencyInFlight => Some(Duration::from_secs(1)),
+            Self::Domain(DomainError::PromptQueueFull(_)) => Some(PROMPT_QUEUE_RETRY_AFTER),
             Self::Unavailable => Some(Duration::from_secs(5)),
             _ => None,
         }
@@ -128,7 +131,10 @@ impl ApiError {
     /// Whether a repeat of the same request could get another answer: such answers are not
     /// remembered under an idempotency key.
     pub fn is_transient(&self) -> bool {
-        self.retry_after().is_some() || self.status().is_server_error()
+        // a budget refusal may pass once reservations of running prompts are released
+        matches!(self, Self::BudgetExhausted(_))
+            || self.retry_after().is_some()
+            || self.status().is_server_error()
     }
 
     /// The problem+json body of this error for the request being answered.
@@ -137,24 +143,25 @@ impl ApiError {
             Self::Validation(errors) => Some(errors.clone()),
             _ => None,
         };
-        Problem::new(self.status(), self.code(), self.to_string(), errors)
+        let problem = Problem::new(self.status(), self.code(), self.to_string(), errors);
+        match self {
+            Self::BudgetExhausted(shortfall) => problem.with_budget((**shortfall).clone()),
+            _ => problem,
+        }
     }
 }
 
-/// Domain refusals: who may not (403), what is not there (404), what the request itself gets
-/// wrong whatever the state (422), and what the current state does not allow (409).
-fn domain_status(error: &DomainError) -> StatusCode {
-    match error {
-        DomainError::Forbidden => StatusCode::FORBIDDEN,
-        DomainError::NotFound => StatusCode::NOT_FOUND,
-        DomainError::InvalidCommand(_) | DomainError::ToolNotReadOnly(_) => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
-        DomainError::PromptNotFound(_)
-        | DomainError::PlanNotFound(_)
-        | DomainError::ApprovalRequestNotFound(_)
-        | DomainError::CheckpointNotFound(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::CONFLICT,
+/// Domain refusals by kind: who may not (403), what is not there (404), what the request itself
+/// gets wrong whatever the state (422), what the current state does not allow (409), and a
+/// condition of the moment like a full prompt queue (429: the same request may pass later, and it
+/// is not remembered under an idempotency key).
+fn refusal_status(refusal: Refusal) -> StatusCode {
+    match refusal {
+        Refusal::Forbidden => StatusCode::FORBIDDEN,
+        Refusal::NotFound => StatusCode::NOT_FOUND,
+        Refusal::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        Refusal::Conflict => StatusCode::CONFLICT,
+        Refusal::Busy => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 

@@ -2,6 +2,9 @@
 //! order so that bad input is refused before anything is written: the caller (401), the rate
 //! limit (429), the headers (400), the body's size (413), media type (415), JSON syntax (400),
 //! shape (422 naming the field) and values (422 listing every invalid field, 413 for prompt text).
+//!
+//! The headers it reads are documented on every command by [`CommandHeaders`] (people's routes)
+//! and [`RunnerHeaders`] (the runner's, where `Idempotency-Key` is required of every caller).
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
@@ -9,6 +12,7 @@ use axum::http::{HeaderMap, header};
 use canopy_event_store::EventMetadata;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use utoipa::IntoParams;
 
 use crate::AppState;
 use crate::auth::Caller;
@@ -18,11 +22,96 @@ use crate::validate::{Checks, Validate};
 /// The most an Idempotency-Key, correlation or causation id may hold.
 const MAX_KEY_LEN: usize = 255;
 
-/// A validated command request: its context and its body.
+/// A validated command request: its context and its body. `KEYED`: the route requires an
+/// `Idempotency-Key` of every caller (the runner's routes; a runner caller must send one
+/// anywhere).
 #[derive(Debug)]
-pub(crate) struct CommandRequest<T> {
+pub(crate) struct CommandRequest<T, const KEYED: bool = false> {
     pub ctx: CommandContext,
     pub body: T,
+}
+
+/// A request to one of the runner's routes.
+pub(crate) type RunnerRequest<T> = CommandRequest<T, true>;
+
+/// The headers a person's command reads (documentation; [`CommandRequest`] reads them).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code, reason = "documents the headers CommandRequest reads")]
+pub(crate) struct CommandHeaders {
+    /// Makes a retry of this request safe: the same key and request get the first answer (kept
+    /// 24 h per caller); the same key with another request is 422 `idempotency_key_reused`.
+    #[param(
+        rename = "Idempotency-Key",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    idempotency_key: Option<String>,
+    /// Apply only at this aggregate version (`7` or `"7"`); else 409 `version_mismatch`.
+    #[param(
+        rename = "If-Match",
+        nullable = false,
+        pattern = "^(W/)?(\"[0-9]{1,18}\"|[0-9]{1,18})$",
+        example = "\"7\""
+    )]
+    if_match: Option<String>,
+    /// Recorded as the events' request id (generated when absent).
+    #[param(rename = "X-Request-Id", nullable = false, pattern = "^[!-~]{1,255}$")]
+    request_id: Option<String>,
+    /// Recorded as the events' correlation id (the request id when absent).
+    #[param(
+        rename = "X-Correlation-Id",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    correlation_id: Option<String>,
+    /// Recorded as the events' causation id.
+    #[param(
+        rename = "X-Causation-Id",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    causation_id: Option<String>,
+}
+
+/// The headers a runner's report reads (documentation; [`RunnerRequest`] reads them).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code, reason = "documents the headers RunnerRequest reads")]
+pub(crate) struct RunnerHeaders {
+    /// Required: a retried report is recorded once (400 `idempotency_key_required` without it;
+    /// the same key with another report is 422 `idempotency_key_reused`).
+    #[param(
+        rename = "Idempotency-Key",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    idempotency_key: String,
+    /// Apply only at this aggregate version (`7` or `"7"`); else 409 `version_mismatch`.
+    #[param(
+        rename = "If-Match",
+        nullable = false,
+        pattern = "^(W/)?(\"[0-9]{1,18}\"|[0-9]{1,18})$",
+        example = "\"7\""
+    )]
+    if_match: Option<String>,
+    /// Recorded as the events' request id (generated when absent).
+    #[param(rename = "X-Request-Id", nullable = false, pattern = "^[!-~]{1,255}$")]
+    request_id: Option<String>,
+    /// Recorded as the events' correlation id (the request id when absent).
+    #[param(
+        rename = "X-Correlation-Id",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    correlation_id: Option<String>,
+    /// Recorded as the events' causation id.
+    #[param(
+        rename = "X-Causation-Id",
+        nullable = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    causation_id: Option<String>,
 }
 
 /// Everything about a command request but its body.
@@ -38,7 +127,7 @@ pub(crate) struct CommandContext {
     pub fingerprint: Vec<u8>,
 }
 
-impl<T> FromRequest<AppState> for CommandRequest<T>
+impl<T, const KEYED: bool> FromRequest<AppState> for CommandRequest<T, KEYED>
 where
     T: DeserializeOwned + Validate + Send,
 {
@@ -54,7 +143,7 @@ where
 
         let headers = &parts.headers;
         let idempotency_key = token_header(headers, "idempotency-key")?;
-        if caller.is_runner() && idempotency_key.is_none() {
+        if (KEYED || caller.is_runner()) && idempotency_key.is_none() {
             return Err(ApiError::IdempotencyKeyRequired);
         }
         let if_match = if_match(headers)?;
@@ -81,9 +170,10 @@ where
 
         let body: T = serde_path_to_error::deserialize(value).map_err(|error| {
             let path = error.path().to_string();
+            let message = error.into_inner().to_string();
             ApiError::Validation(vec![FieldError {
-                field: path,
-                message: error.into_inner().to_string(),
+                field: canopy_http::params::field_of(&path, &message),
+                message,
             }])
         })?;
         let mut checks = Checks::new(&state.limits);
@@ -109,10 +199,13 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
         .map_err(|_| ApiError::PayloadTooLarge { limit })
 }
 
-/// An empty body means `{}`, so commands without fields need no body at all.
+/// An empty body means `{}`, so commands without fields need no body at all; so does `null`
+/// (what the documents allow where a body is optional). A body of required fields still
+/// misses them: 422 naming each.
 fn parse_json(headers: &HeaderMap, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let empty = || serde_json::Value::Object(serde_json::Map::new());
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+        return Ok(empty());
     }
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -128,6 +221,9 @@ fn parse_json(headers: &HeaderMap, bytes: &[u8]) -> Result<serde_json::Value, Ap
     }
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if value.is_null() {
+        return Ok(empty());
+    }
     if !value.is_object() {
         return Err(ApiError::Validation(vec![FieldError {
             field: ".".to_owned(),
@@ -163,20 +259,19 @@ fn if_match(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let invalid = ApiError::InvalidHeader {
+    let invalid = || ApiError::InvalidHeader {
         header: "if-match",
         reason: "must be an aggregate version, e.g. \"7\"",
     };
-    let text = value.to_str().map_err(|_| invalid)?.trim();
+    let text = value.to_str().map_err(|_| invalid())?.trim();
     let text = text.strip_prefix("W/").unwrap_or(text);
     let text = text
         .strip_prefix('"')
         .and_then(|t| t.strip_suffix('"'))
         .unwrap_or(text);
-    text.parse::<usize>()
-        .map(Some)
-        .map_err(|_| ApiError::InvalidHeader {
-            header: "if-match",
-            reason: "must be an aggregate version, e.g. \"7\"",
-        })
+    // digits only (what the documented pattern says; `parse` would take a sign)
+    if !(1..=18).contains(&text.len()) || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    text.parse::<usize>().map(Some).map_err(|_| invalid())
 }

@@ -1,41 +1,46 @@
 //! Idempotency keys, scoped per caller and kept at least 24 hours (`idempotency_keys`).
 //!
-//! - A new key is claimed as in flight, with a lease, before the command runs.
+//! - A new key is claimed as in flight before the command runs. Every claim writes a new random
+//!   claim token into the key's row, and carries a lease (`CANOPY_IDEMPOTENCY_LEASE`, 10 s by
+//!   default).
+//! - The key is completed inside the transaction that appends the command's events
+//!   ([`CompleteOnAppend`], an event-store [`Fence`]): the same statement that stores the answer
+//!   checks that the row still carries this claim's token, and the append rolls back when it
+//!   does not. So a key's events commit if and only if its answer does: a failure after the
+//!   commit (the commit's acknowledgement lost, the process gone) leaves a completed key whose
+//!   retry replays the answer, never an in-flight one.
 //! - The same key with the same request (method, path, canonical JSON body) gets the first
 //!   response back, status and body, and writes nothing; with another request, 422.
-//! - While the first request is still in flight, 409 with `Retry-After`.
-//! - Answers that a retry could change (5xx, conflicts, rate limits) are not remembered: the key
-//!   is released so the retry runs.
-//! - A request that died after appending but before recording its answer leaves an in-flight key
-//!   whose lease runs out. The next request with that key finds the events appended under it
-//!   (the key is in their metadata) and rebuilds the same answer from the planned status and id
-//!   recorded when the key was claimed, instead of appending twice.
+//! - While the first request is in flight and its lease runs, 409 with `Retry-After`.
+//! - The lease is not renewed. Once it has run out, the same request takes the key over with a
+//!   new token (the first request may have died, or be stuck behind a slow database). If the
+//!   first request is still running, its append then fails its fence and rolls back, and it
+//!   answers like a duplicate (the answer if the key has one by then, else 409): whichever request
+//!   holds the key last appends, once. The lease only decides how soon a retry may run instead of
+//!   getting 409, never whether a command is appended twice, so it needs no heartbeat (which a
+//!   stalled database would stall too).
+//! - Answers that a retry could change (5xx, conflicts) are not remembered: the key is released,
+//!   and only while it is still in flight under this claim's token, so the release can neither
+//!   undo a commit nor free a key another request took over.
+//! - A refusal is an answer too: it is stored (under the token) and replayed.
 
 use std::time::Duration;
 
+use canopy_event_store::{Committed, Fence, PgConnection};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::dto::CommandAccepted;
 use crate::error::ApiError;
 
-/// How long an in-flight claim holds before another request may take the key over.
-const LEASE: Duration = Duration::from_secs(30);
-
-/// A stored key: request hash, state, answer (or planned answer), whether its lease ran out.
-type KeyRow = (
-    Vec<u8>,
-    String,
-    Option<i16>,
-    Option<serde_json::Value>,
-    bool,
-);
+/// A stored key: request hash, state and answer.
+type KeyRow = (Vec<u8>, String, Option<i16>, Option<serde_json::Value>);
 
 /// What to do with a request carrying an idempotency key.
 #[derive(Debug)]
 pub(crate) enum Claim {
-    /// Run the command; the key is ours.
-    Proceed,
+    /// Run the command; the key is ours under this claim.
+    Proceed(Claimed),
     /// Answer with the remembered response.
     Replay {
         status: u16,
@@ -43,173 +48,162 @@ pub(crate) enum Claim {
     },
 }
 
-/// The response a command plans to give, known before it runs.
+/// A key claimed for one run of a command.
 #[derive(Debug, Clone)]
-pub(crate) struct Plan<'a> {
-    pub(crate) status: u16,
-    pub(crate) aggregate_type: &'a str,
-    pub(crate) aggregate_id: &'a str,
-    pub(crate) created_id: Option<&'a str>,
+pub(crate) struct Claimed {
+    scope: String,
+    key: String,
+    token: Uuid,
 }
 
 /// Claims `key` for this request, or says how to answer instead.
 pub(crate) async fn claim(
     pool: &PgPool,
     scope: &str,
-    actor_id: &str,
     key: &str,
     fingerprint: &[u8],
-    plan: &Plan<'_>,
+    lease: Duration,
     ttl: Duration,
 ) -> Result<Claim, ApiError> {
-    let planned = serde_json::json!({
-        "status": plan.status,
-        "aggregate_type": plan.aggregate_type,
-        "aggregate_id": plan.aggregate_id,
-        "id": plan.created_id,
-    });
-    // A fresh key, or one whose retention ran out, is ours at once.
+    let token = Uuid::new_v4();
+    // One statement claims a fresh key, one whose retention ran out, or (the same request only)
+    // one whose in-flight lease ran out. Each claim gets a new token, which fences out the
+    // previous claimant's append.
     let claimed: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (caller, key, request_hash, state, response_body, locked_until, expires_at)
+        "INSERT INTO idempotency_keys (caller, key, request_hash, state, claim_token, locked_until, expires_at)
          VALUES ($1, $2, $3, 'in_flight', $4, now() + $5, now() + $6)
          ON CONFLICT (caller, key) DO UPDATE
             SET request_hash = EXCLUDED.request_hash, state = 'in_flight', response_status = NULL,
-                response_body = EXCLUDED.response_body, locked_until = EXCLUDED.locked_until,
-                created_at = now(), expires_at = EXCLUDED.expires_at
+                response_body = NULL, claim_token = EXCLUDED.claim_token,
+                locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at,
+                created_at = CASE WHEN idempotency_keys.expires_at < now() THEN now()
+                                  ELSE idempotency_keys.created_at END
           WHERE idempotency_keys.expires_at < now()
+             OR (idempotency_keys.state = 'in_flight' AND idempotency_keys.locked_until < now()
+                 AND idempotency_keys.request_hash = EXCLUDED.request_hash)
          RETURNING true",
     )
     .bind(scope)
     .bind(key)
     .bind(fingerprint)
-    .bind(&planned)
-    .bind(interval(LEASE))
+    .bind(token)
+    .bind(interval(lease))
     .bind(interval(ttl))
     .fetch_optional(pool)
     .await
     .map_err(ApiError::internal)?;
     if claimed.is_some() {
-        return Ok(Claim::Proceed);
+        return Ok(Claim::Proceed(Claimed {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            token,
+        }));
     }
+    let (status, body) = answer_of(pool, scope, key, fingerprint).await?;
+    Ok(Claim::Replay { status, body })
+}
 
+/// How to answer a request whose claim was taken over by a later request with its key (its
+/// append rolled back): like a duplicate of that request.
+pub(crate) async fn after_takeover(
+    pool: &PgPool,
+    claimed: &Claimed,
+    fingerprint: &[u8],
+) -> Result<(u16, serde_json::Value), ApiError> {
+    answer_of(pool, &claimed.scope, &claimed.key, fingerprint).await
+}
+
+/// The answer remembered under a key another request holds or held; 409 while it has none.
+async fn answer_of(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<(u16, serde_json::Value), ApiError> {
     let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT request_hash, state, response_status, response_body, locked_until < now()
-               FROM idempotency_keys WHERE caller = $1 AND key = $2",
+        "SELECT request_hash, state, response_status, response_body
+           FROM idempotency_keys WHERE caller = $1 AND key = $2",
     )
     .bind(scope)
     .bind(key)
     .fetch_optional(pool)
     .await
     .map_err(ApiError::internal)?;
-    let Some((hash, state, status, body, lease_expired)) = row else {
-        // released between our insert and select: a retry will claim it
+    let Some((hash, state, status, body)) = row else {
+        // released since: a retry will claim it
         return Err(ApiError::IdempotencyInFlight);
     };
     if hash != fingerprint {
         return Err(ApiError::IdempotencyKeyReused);
     }
     match (state.as_str(), status, body) {
-        ("completed", Some(status), Some(body)) => Ok(Claim::Replay {
-            status: u16::try_from(status).unwrap_or(500),
-            body,
-        }),
-        ("in_flight", _, planned) if lease_expired => {
-            take_over(pool, scope, actor_id, key, planned).await
-        }
+        ("completed", Some(status), Some(body)) => Ok((u16::try_from(status).unwrap_or(500), body)),
         _ => Err(ApiError::IdempotencyInFlight),
     }
 }
 
-/// Takes over the key of a request that died in flight: if it appended events, its answer is
-/// rebuilt from them; otherwise the command runs now.
-async fn take_over(
-    pool: &PgPool,
-    scope: &str,
-    actor_id: &str,
-    key: &str,
-    planned: Option<serde_json::Value>,
-) -> Result<Claim, ApiError> {
-    let renewed = sqlx::query(
-        "UPDATE idempotency_keys SET locked_until = now() + $3
-          WHERE caller = $1 AND key = $2 AND state = 'in_flight' AND locked_until < now()",
-    )
-    .bind(scope)
-    .bind(key)
-    .bind(interval(LEASE))
-    .execute(pool)
-    .await
-    .map_err(ApiError::internal)?;
-    if renewed.rows_affected() == 0 {
-        return Err(ApiError::IdempotencyInFlight);
-    }
-    let planned = planned.unwrap_or_default();
-    let events: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT event_id, sequence FROM events
-          WHERE metadata ->> 'actor_id' = $1 AND metadata ->> 'idempotency_key' = $2
-            AND aggregate_type = $3 AND aggregate_id = $4
-          ORDER BY sequence",
-    )
-    .bind(actor_id)
-    .bind(key)
-    .bind(planned["aggregate_type"].as_str().unwrap_or_default())
-    .bind(planned["aggregate_id"].as_str().unwrap_or_default())
-    .fetch_all(pool)
-    .await
-    .map_err(ApiError::internal)?;
-    let Some(&(_, last)) = events.last() else {
-        return Ok(Claim::Proceed);
-    };
-    let status = planned["status"]
-        .as_u64()
-        .and_then(|s| u16::try_from(s).ok())
-        .unwrap_or(200);
-    let body = CommandAccepted {
-        aggregate_type: planned["aggregate_type"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        aggregate_id: planned["aggregate_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        version: usize::try_from(last).unwrap_or_default(),
-        event_ids: events.iter().map(|(id, _)| *id).collect(),
-        id: planned["id"].as_str().map(str::to_owned),
-    };
-    let body = serde_json::to_value(body).map_err(ApiError::internal)?;
-    complete(pool, scope, key, status, &body).await?;
-    Ok(Claim::Replay { status, body })
+/// The fence that completes a claimed key in the transaction appending the command's events,
+/// with the answer built from what the transaction commits. Refuses (the append rolls back) when
+/// the claim was taken over.
+pub(crate) struct CompleteOnAppend<'a, F> {
+    pub(crate) claimed: &'a Claimed,
+    pub(crate) status: u16,
+    pub(crate) answer: F,
 }
 
-/// Remembers the answer to a claimed key.
+impl<F> Fence for CompleteOnAppend<'_, F>
+where
+    F: Fn(&Committed) -> CommandAccepted + Sync,
+{
+    async fn check(
+        &self,
+        conn: &mut PgConnection,
+        committed: &Committed,
+    ) -> Result<bool, sqlx::Error> {
+        let body = sqlx::types::Json((self.answer)(committed));
+        let completed = sqlx::query(COMPLETE)
+            .bind(&self.claimed.scope)
+            .bind(&self.claimed.key)
+            .bind(self.claimed.token)
+            .bind(status_column(self.status))
+            .bind(body)
+            .execute(conn)
+            .await?;
+        Ok(completed.rows_affected() == 1)
+    }
+}
+
+/// Remembers an answer given without an append (a refusal). Does nothing when the claim was
+/// taken over: that request answers for the key.
 pub(crate) async fn complete(
     pool: &PgPool,
-    scope: &str,
-    key: &str,
+    claimed: &Claimed,
     status: u16,
     body: &serde_json::Value,
 ) -> Result<(), ApiError> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET state = 'completed', response_status = $3, response_body = $4
-          WHERE caller = $1 AND key = $2",
-    )
-    .bind(scope)
-    .bind(key)
-    .bind(i16::try_from(status).unwrap_or(500))
-    .bind(body)
-    .execute(pool)
-    .await
-    .map_err(ApiError::internal)?;
+    sqlx::query(COMPLETE)
+        .bind(&claimed.scope)
+        .bind(&claimed.key)
+        .bind(claimed.token)
+        .bind(status_column(status))
+        .bind(body)
+        .execute(pool)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(())
 }
 
-/// Gives a claimed key back, so that a retry of a transient failure runs the command.
-pub(crate) async fn release(pool: &PgPool, scope: &str, key: &str) {
+/// Gives a claimed key back, so that a retry of a transient failure runs the command. A key
+/// that is completed (its append committed, even if we never heard so) or claimed again by
+/// another request stays.
+pub(crate) async fn release(pool: &PgPool, claimed: &Claimed) {
     let released = sqlx::query(
-        "DELETE FROM idempotency_keys WHERE caller = $1 AND key = $2 AND state = 'in_flight'",
+        "DELETE FROM idempotency_keys
+          WHERE caller = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'",
     )
-    .bind(scope)
-    .bind(key)
+    .bind(&claimed.scope)
+    .bind(&claimed.key)
+    .bind(claimed.token)
     .execute(pool)
     .await;
     if let Err(error) = released {
@@ -223,6 +217,15 @@ pub(crate) async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .execute(pool)
         .await?;
     Ok(deleted.rows_affected())
+}
+
+/// Completes a key only under the claim that ran the command.
+const COMPLETE: &str = "UPDATE idempotency_keys
+    SET state = 'completed', response_status = $4, response_body = $5
+  WHERE caller = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
+
+fn status_column(status: u16) -> i16 {
+    i16::try_from(status).unwrap_or(500)
 }
 
 fn interval(duration: Duration) -> sqlx::postgres::types::PgInterval {

@@ -12,6 +12,7 @@
 //! draining in-flight requests.
 
 mod auth;
+mod budgets;
 mod commands;
 pub mod dto;
 pub mod error;
@@ -23,14 +24,14 @@ mod validate;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::http::{HeaderName, Method};
-use canopy_auth::{AuthConfig, Verifier};
+use canopy_auth::Verifier;
+use canopy_domain::session::SessionPolicy;
 use canopy_event_store::{AggregateStore, DbConfig, PgPool, RetryPolicy, StoreConfig};
 use canopy_http::BearerAuth;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -54,39 +55,63 @@ pub struct Config {
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
-    /// Postgres URL (falls back to DATABASE_URL).
-    #[arg(long, env = "CANOPY_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// HS256 secret for bearer tokens (at least 16 bytes).
-    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
-    pub jwt_secret: String,
-    /// PEM file with an RS256 public key; RS256 tokens are accepted when set.
-    #[arg(long, env = "CANOPY_JWT_RS256_PUBLIC_KEY_FILE")]
-    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub database: canopy_config::DatabaseArgs,
+    #[command(flatten)]
+    pub tokens: canopy_config::TokenArgs,
     /// Largest request body, in bytes.
     #[arg(long, env = "CANOPY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
     /// Largest prompt text, in bytes.
     #[arg(long, env = "CANOPY_MAX_PROMPT_BYTES", default_value_t = 64 * 1024)]
     pub max_prompt_bytes: usize,
+    /// Prompts a session may hold queued (the running one aside); one more is refused with 429
+    /// `prompt_queue_full`.
+    #[arg(long, env = "CANOPY_MAX_QUEUED_PROMPTS", default_value_t = SessionPolicy::DEFAULT_MAX_QUEUED_PROMPTS as u32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_prompts: u32,
     /// Sustained commands per second per person.
     #[arg(long, env = "CANOPY_RATE_LIMIT_PER_SECOND", default_value_t = 10)]
     pub rate_limit_per_second: u32,
     /// Commands a person may send at once before the sustained rate applies.
     #[arg(long, env = "CANOPY_RATE_LIMIT_BURST", default_value_t = 60)]
     pub rate_limit_burst: u32,
-    /// Origins allowed by CORS (comma-separated; none by default).
-    #[arg(long, env = "CANOPY_CORS_ORIGINS", value_delimiter = ',')]
-    pub cors_origins: Vec<String>,
-    /// How long idempotency keys are kept, in hours (at least 24).
-    #[arg(long, env = "CANOPY_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
-    pub idempotency_ttl_hours: u64,
+    #[command(flatten)]
+    pub cors: canopy_config::CorsArgs,
+    /// How long idempotency keys are kept (at least 24h).
+    #[arg(long, env = "CANOPY_IDEMPOTENCY_TTL", value_parser = canopy_config::parse_duration, default_value = "24h")]
+    pub idempotency_ttl: Duration,
+    /// How long a request holds its idempotency key before a retry of it may take the key over
+    /// (a duplicate gets 409 until then). Never lets a command append twice.
+    #[arg(long, env = "CANOPY_IDEMPOTENCY_LEASE", value_parser = canopy_config::parse_duration, default_value = "10s")]
+    pub idempotency_lease: Duration,
     /// Attempts of a command that lost an append race to another process.
     #[arg(long, env = "CANOPY_COMMAND_ATTEMPTS", default_value_t = 5)]
     pub command_attempts: u32,
     /// Database connections.
     #[arg(long, env = "CANOPY_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
+    #[command(flatten)]
+    pub webhook_targets: canopy_config::WebhookTargetArgs,
+    /// The most of a cost budget an admitted prompt reserves until it finishes, in micro-USD
+    /// (less when less is left): what two prompts at a budget's edge are held to.
+    #[arg(
+        long,
+        env = "CANOPY_BUDGET_PROMPT_RESERVE_COST",
+        default_value_t = 100_000
+    )]
+    pub budget_prompt_reserve_cost: u64,
+    /// The most of a token budget an admitted prompt reserves until it finishes.
+    #[arg(
+        long,
+        env = "CANOPY_BUDGET_PROMPT_RESERVE_TOKENS",
+        default_value_t = 50_000
+    )]
+    pub budget_prompt_reserve_tokens: u64,
+    /// The share of a budget, in percent, whose use is recorded once as `BudgetThresholdReached`.
+    #[arg(long, env = "CANOPY_BUDGET_WARN_PERCENT", default_value_t = 80,
+        value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub budget_warn_percent: u8,
 }
 
 impl Config {
@@ -100,10 +125,13 @@ impl Config {
         }
         let mut config = Defaults::parse_from(["command-api"]).config;
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.database_url = Some(database_url.into());
+        config.database = canopy_config::DatabaseArgs::new(database_url);
         config
     }
 }
+
+/// Idempotency keys are kept at least this long, whatever is configured.
+const MIN_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -112,9 +140,23 @@ pub struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) limits: Arc<Limits>,
+    pub(crate) session_policy: SessionPolicy,
     pub(crate) rate_limiter: Arc<RateLimiter>,
     pub(crate) idempotency_ttl: Duration,
+    pub(crate) idempotency_lease: Duration,
     pub(crate) metrics: PrometheusHandle,
+    pub(crate) webhook_targets: canopy_webhook::TargetPolicy,
+    pub(crate) resolver: Arc<dyn canopy_webhook::Resolver>,
+    pub(crate) budgets: budgets::BudgetSettings,
+}
+
+impl axum::extract::FromRef<AppState> for canopy_http::ops::Ops {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            pool: state.pool.clone(),
+            metrics: state.metrics.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -133,38 +175,32 @@ pub struct App {
 
 /// Connects to the database, applies migrations and binds the listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let url = config
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .filter(|url| !url.is_empty())
-        .context("no database: set CANOPY_DATABASE_URL (or DATABASE_URL)")?;
-    let mut db = DbConfig::new(url);
+    build_with_resolver(config, Arc::new(canopy_webhook::SystemResolver)).await
+}
+
+/// [`build`] with the resolver that webhook targets are checked through (tests answer what
+/// they need).
+pub async fn build_with_resolver(
+    config: Config,
+    resolver: Arc<dyn canopy_webhook::Resolver>,
+) -> anyhow::Result<App> {
+    // before anything else: the public dev secret must not face other hosts
+    config.tokens.check_listen(config.listen)?;
+    config.tokens.check_runner_secret(config.listen)?;
+    let mut db = DbConfig::new(config.database.url()?);
     db.max_connections = config.db_max_connections;
     db.application_name = "canopy-command-api".to_owned();
     let pool = canopy_event_store::connect(&db)
         .await
         .context("connect to the database")?;
-    canopy_event_store::migrate(&pool)
+    canopy_event_store::migrate_if_pending(&pool)
         .await
         .context("apply migrations")?;
 
-    if config.jwt_secret == canopy_auth::DEV_SECRET {
-        tracing::warn!("CANOPY_JWT_SECRET is not set: accepting tokens signed with the dev secret");
-    }
-    let rs256_public_key_pem = match &config.jwt_rs256_public_key_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("read the RS256 public key {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let verifier = Verifier::new(&AuthConfig {
-        hs256_secret: config.jwt_secret.clone(),
-        rs256_public_key_pem,
-        leeway_secs: 30,
-    })
-    .context("configure token verification")?;
+    let verifier = config
+        .tokens
+        .verifier()
+        .context("configure token verification")?;
 
     let store = AggregateStore::new(
         pool.clone(),
@@ -173,6 +209,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
                 max_attempts: config.command_attempts.max(1),
                 ..RetryPolicy::default()
             },
+            upcast: canopy_domain::upcast::upcast_payload,
             ..StoreConfig::default()
         },
     );
@@ -184,14 +221,27 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             max_body_bytes: config.max_body_bytes,
             max_prompt_bytes: config.max_prompt_bytes,
         }),
+        session_policy: SessionPolicy {
+            max_queued_prompts: config.max_queued_prompts as usize,
+        },
         rate_limiter: Arc::new(RateLimiter::new(
             config.rate_limit_per_second,
             config.rate_limit_burst,
         )),
-        idempotency_ttl: Duration::from_secs(config.idempotency_ttl_hours.max(24) * 3600),
+        idempotency_ttl: config.idempotency_ttl.max(MIN_IDEMPOTENCY_TTL),
+        idempotency_lease: config.idempotency_lease,
         metrics: canopy_http::metrics_handle(),
+        webhook_targets: canopy_webhook::TargetPolicy {
+            allow_insecure: config.webhook_targets.webhooks_allow_insecure,
+        },
+        resolver,
+        budgets: budgets::BudgetSettings {
+            reserve_cost_micro_usd: config.budget_prompt_reserve_cost,
+            reserve_tokens: config.budget_prompt_reserve_tokens,
+            warn_percent: config.budget_warn_percent,
+        },
     };
-    let router = router(state.clone(), &config.cors_origins)?;
+    let router = router(state.clone(), &config.cors.cors_origins)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -216,12 +266,11 @@ impl App {
     ) -> anyhow::Result<()> {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let housekeeping = tokio::spawn(housekeeping(self.state.clone(), stop.subscribe()));
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("command-api shutting down; draining in-flight requests");
-            })
-            .await;
+        let served = canopy_http::serve::serve(self.listener, self.router, async move {
+            shutdown.await;
+            tracing::info!("command-api shutting down; draining in-flight requests");
+        })
+        .await;
         let _ = stop.send(true);
         let _ = stopped.changed().await;
         housekeeping.await.ok();
@@ -256,13 +305,15 @@ async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
         (name = "sessions", description = "People's session commands"),
         (name = "runner", description = "The agent runner's reports (service role; Idempotency-Key required)"),
         (name = "features", description = "Features: shared context of several sessions"),
+        (name = "webhooks", description = "Webhook subscriptions of a workspace (owners and admins)"),
+        (name = "budgets", description = "What the workspace's agents may spend (owners and admins)"),
         (name = "ops", description = "Health, readiness and metrics"),
     )
 )]
 pub struct ApiDoc;
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{features, ops, runner, sessions};
+    use routes::{budgets, features, runner, sessions, webhooks};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::start_session))
         .routes(routes!(sessions::join_session))
@@ -292,14 +343,20 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(runner::sandbox_started))
         .routes(routes!(runner::sandbox_stopped))
         .routes(routes!(runner::session_failed))
+        .routes(routes!(budgets::set_budget))
+        .routes(routes!(budgets::clear_budget))
         .routes(routes!(features::create_feature))
         .routes(routes!(features::attach_session))
         .routes(routes!(features::share_learning))
         .routes(routes!(features::record_decision))
         .routes(routes!(features::complete_feature))
-        .routes(routes!(ops::healthz))
-        .routes(routes!(ops::readyz))
-        .routes(routes!(ops::metrics))
+        .routes(routes!(webhooks::create_webhook))
+        .routes(routes!(webhooks::pause_webhook))
+        .routes(routes!(webhooks::resume_webhook))
+        .routes(routes!(webhooks::rotate_webhook_secret))
+        .routes(routes!(webhooks::delete_webhook))
+        .routes(routes!(webhooks::redeliver))
+        .merge(canopy_http::ops::routes())
 }
 
 /// The OpenAPI document as the code defines it (checked in as `openapi/command-api.json`).

@@ -20,14 +20,5 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let app = canopy_command_api::build(cli.config).await?;
     tracing::info!(addr = %app.local_addr(), "command-api listening");
-    app.run_until(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    app.run_until(canopy_process::shutdown_signal()).await
 }

@@ -3,21 +3,27 @@
 //! Each message is applied in its own transaction with the projection's positions (see
 //! [`crate::apply`]) and acknowledged after the commit. A crash before the commit loses nothing
 //! (the message is redelivered); a crash after the commit and before the ack duplicates nothing
-//! (the redelivery is recognised as applied). A handler error is retried with backoff (nak with
-//! delay); past `max_deliveries` the event is parked in `read.parked_events` with its error,
-//! counted, and acknowledged, and the aggregate's later events are parked behind it until it is
-//! resolved, while every other aggregate goes on.
+//! (the redelivery is recognised as applied). An event ahead of its aggregate's position
+//! (after a crash the unacknowledged messages come back after later ones) is applied after the
+//! missing events, read from the event store (see [`crate::apply`]); nothing waits for a
+//! redelivery. A handler error is retried with backoff (nak with delay); past `max_deliveries`
+//! the event that does not apply is parked in `read.parked_events` with its error, counted, and
+//! acknowledged. The aggregate's later events wait behind it (they are acknowledged, not
+//! applied) while every other aggregate goes on; [`crate::parked`] retries it with backoff and,
+//! once it applies, brings the aggregate up to date from the store. A database failure is not
+//! the event's: the worker hands its batch back and starts over, nothing is parked.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use canopy_process::Backoff;
 use canopy_relay::Envelope;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 
-use crate::apply::{Fate, Positions, apply, apply_tracked, lock_key, use_schema};
+use crate::apply::{ApplyError, Fate, Positions, apply, apply_tracked, begin};
 use crate::projections::Projection;
 use crate::{ProjectorError, ProjectorsConfig, parked};
 
@@ -48,7 +54,7 @@ pub(crate) async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
     processed: Arc<AtomicU64>,
 ) -> Result<(), ProjectorError> {
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match consume(
             &pool, &jetstream, &config, projection, &mut stop, &processed,
@@ -63,9 +69,8 @@ pub(crate) async fn run(
                 tracing::error!(%error, projection = projection.name(), "projector worker failed; restarting");
                 tokio::select! {
                     _ = stop.changed() => return Ok(()),
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -80,19 +85,10 @@ async fn consume(
     processed: &AtomicU64,
 ) -> Result<(), ProjectorError> {
     // The relay creates the stream; a projector started first waits for it.
-    let mut wait = Duration::from_millis(100);
-    let stream = loop {
-        match jetstream.get_stream(&config.stream_name).await {
-            Ok(stream) => break stream,
-            Err(error) => {
-                tracing::info!(%error, stream = %config.stream_name, "waiting for the event stream");
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
+    let Some(stream) =
+        canopy_relay::wait_for_stream(jetstream, &config.stream.stream_name, stop).await
+    else {
+        return Ok(());
     };
     let durable = format!("{}-{}", config.consumer_prefix, projection.name());
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
@@ -102,7 +98,7 @@ async fn consume(
                 durable_name: Some(durable.clone()),
                 filter_subject: format!(
                     "{}.{}.>",
-                    config.subject_prefix,
+                    config.stream.subject_prefix(),
                     projection.aggregate_type()
                 ),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -114,7 +110,9 @@ async fn consume(
         )
         .await
         .map_err(|e| ProjectorError::Nats(e.to_string()))?;
-    parked::report(pool, projection).await;
+    parked::report_gauge(pool, projection).await;
+    let mut consumer = consumer;
+    recover_in_flight(pool, &stream, &mut consumer, config, projection).await?;
     tracing::debug!(projection = projection.name(), consumer = %durable, "consuming");
 
     let mut messages = consumer
@@ -170,11 +168,7 @@ async fn consume(
             return Err(ProjectorError::Crashed);
         }
         for (message, ack) in batch.iter().zip(acks) {
-            let acked = match ack {
-                Ack::Ack => message.ack().await,
-                Ack::Retry(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
-            };
-            if let Err(error) = acked {
+            if let Err(error) = reply(message, ack).await {
                 // the message is redelivered after ack_wait and recognised as applied
                 tracing::warn!(%error, projection = projection.name(), "ack failed");
             }
@@ -182,79 +176,181 @@ async fn consume(
     }
 }
 
+/// Most stream messages read back at start-up (see [`recover_in_flight`]).
+const RECOVERY_LIMIT: u64 = 4096;
+
+/// Applies what was in flight when the previous worker stopped, before consuming.
+///
+/// JetStream redelivers a message that was delivered but not acknowledged only after the ack
+/// wait. Later events of the same aggregates fill their gaps from the store without waiting
+/// for it, but an aggregate that has no later event would stay behind until then. So a worker
+/// starting on a consumer with unacknowledged messages reads the range between the consumer's
+/// ack floor and its last delivery straight from the stream and applies those messages now;
+/// their redeliveries are then duplicates.
+async fn recover_in_flight(
+    pool: &PgPool,
+    stream: &jetstream::stream::Stream,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    config: &ProjectorsConfig,
+    projection: Projection,
+) -> Result<(), ProjectorError> {
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| ProjectorError::Nats(e.to_string()))?;
+    if info.num_ack_pending == 0 {
+        return Ok(());
+    }
+    let first = info.ack_floor.stream_sequence + 1;
+    let last = info
+        .delivered
+        .stream_sequence
+        .min(first.saturating_add(RECOVERY_LIMIT - 1));
+    let filter = info.config.filter_subject.trim_end_matches('>').to_owned();
+    let mut events = Vec::new();
+    for sequence in first..=last {
+        match stream.get_raw_message(sequence).await {
+            Ok(message) if message.subject.starts_with(filter.as_str()) => {
+                if let Ok(event) = serde_json::from_slice::<Envelope>(&message.payload) {
+                    events.push(Some(event));
+                }
+            }
+            Ok(_) => {}
+            Err(error)
+                if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(error) => return Err(ProjectorError::Nats(error.to_string())),
+        }
+    }
+    let mut applied = 0;
+    if let Some(done) = apply_all(pool, projection, &events).await? {
+        applied = done.len();
+    } else {
+        // one does not apply: as if delivered for the first time (its own delivery comes back
+        // and is retried or parked as usual)
+        for event in events.iter().flatten() {
+            if process_event(pool, config, projection, event, 0).await?.1 {
+                applied += 1;
+            }
+        }
+    }
+    tracing::info!(
+        projection = projection.name(),
+        in_flight = info.num_ack_pending,
+        read = events.len(),
+        applied,
+        "applied what was in flight before the restart"
+    );
+    Ok(())
+}
+
 /// Applies a batch in one transaction when every event applies (the usual case); otherwise
-/// falls back to one transaction per event, where failures are retried and parked.
+/// falls back to one transaction per event, where failures are retried and parked. A database
+/// failure ends the worker's round: the batch is handed back (nak) and tried again.
 async fn process_batch(
     pool: &PgPool,
     config: &ProjectorsConfig,
     projection: Projection,
     batch: &[jetstream::Message],
 ) -> Result<Vec<Ack>, ProjectorError> {
-    let mut events = Vec::with_capacity(batch.len());
-    for message in batch {
-        match serde_json::from_slice::<Envelope>(&message.payload) {
-            Ok(event) => events.push(Some(event)),
-            Err(_) => events.push(None),
-        }
-    }
+    let events: Vec<Option<Envelope>> = batch
+        .iter()
+        .map(|message| serde_json::from_slice::<Envelope>(&message.payload).ok())
+        .collect();
     if events.iter().all(Option::is_some) {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(lock_key(projection))
-            .execute(&mut *tx)
-            .await?;
-        use_schema(&mut tx, "read").await?;
-        let blocked = parked::open_aggregates(&mut tx, projection).await?;
-        let mut positions = Positions::new(projection);
-        let mut acks = Vec::with_capacity(events.len());
-        let mut applied = Vec::new();
-        for event in events.iter().flatten() {
-            if blocked.contains(&(event.aggregate_type.clone(), event.aggregate_id.clone())) {
-                break;
-            }
-            match apply_tracked(&mut tx, &mut positions, event).await {
-                Ok(Fate::Applied) => {
-                    applied.push(event);
-                    acks.push(Ack::Ack);
+        match apply_all(pool, projection, &events).await {
+            Ok(Some(applied)) => {
+                for (event, filled) in applied {
+                    record_applied(projection, event, filled);
                 }
-                Ok(Fate::Duplicate) => acks.push(Ack::Ack),
-                Ok(Fate::Gap { .. }) | Err(_) => break,
+                return Ok(vec![Ack::Ack; batch.len()]);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                hand_back(batch).await;
+                return Err(error);
             }
         }
-        if acks.len() == events.len() {
-            positions.flush(&mut tx).await?;
-            tx.commit().await?;
-            for event in applied {
-                record_applied(projection, event);
-            }
-            return Ok(acks);
-        }
-        tx.rollback().await?;
     }
     let mut acks = Vec::with_capacity(batch.len());
-    for message in batch {
+    for (index, message) in batch.iter().enumerate() {
         let deliveries = message.info().map(|i| i.delivered).unwrap_or(1).max(1);
-        acks.push(process(pool, config, projection, &message.payload, deliveries).await?);
+        match process(pool, config, projection, &message.payload, deliveries).await {
+            Ok(ack) => acks.push(ack),
+            Err(error) => {
+                for (message, ack) in batch.iter().zip(&acks) {
+                    let _ = reply(message, *ack).await;
+                }
+                hand_back(&batch[index..]).await;
+                return Err(error);
+            }
+        }
     }
     Ok(acks)
 }
 
-fn record_applied(projection: Projection, event: &Envelope) {
+/// The whole batch in one transaction: `None` when an event does not apply (the caller goes
+/// event by event), the applied events otherwise.
+async fn apply_all<'a>(
+    pool: &PgPool,
+    projection: Projection,
+    events: &'a [Option<Envelope>],
+) -> Result<Option<Vec<(&'a Envelope, u64)>>, ProjectorError> {
+    let mut tx = begin(pool, projection).await?;
+    let blocked = parked::open_aggregates(&mut tx, projection).await?;
+    let mut positions = Positions::new(projection);
+    let mut applied = Vec::new();
+    for event in events.iter().flatten() {
+        if blocked.contains(&(event.aggregate_type.clone(), event.aggregate_id.clone())) {
+            // waits behind its parked event; applied from the store once that is resolved
+            continue;
+        }
+        match apply_tracked(&mut tx, &mut positions, event).await {
+            Ok(Fate::Applied { filled }) => applied.push((event, filled)),
+            Ok(Fate::Duplicate) => {}
+            Err(ApplyError::Database(error)) => return Err(error.into()),
+            Err(ApplyError::Handler { .. }) => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+    }
+    positions.flush(&mut tx).await?;
+    tx.commit().await?;
+    Ok(Some(applied))
+}
+
+/// Gives messages back for a prompt redelivery (the worker is starting over).
+async fn hand_back(messages: &[jetstream::Message]) {
+    for message in messages {
+        let _ = reply(message, Ack::Retry(Duration::from_millis(500))).await;
+    }
+}
+
+async fn reply(message: &jetstream::Message, ack: Ack) -> Result<(), async_nats::Error> {
+    match ack {
+        Ack::Ack => message.ack().await,
+        Ack::Retry(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+    }
+}
+
+fn record_applied(projection: Projection, event: &Envelope, filled: u64) {
     let lag = (chrono::Utc::now() - event.recorded_at)
         .to_std()
         .unwrap_or_default();
     metrics::histogram!("canopy_projection_lag_seconds", "projection" => projection.name())
         .record(lag.as_secs_f64());
     metrics::counter!("canopy_projection_events_total", "projection" => projection.name())
-        .increment(1);
+        .increment(1 + filled);
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Ack {
     Ack,
     Retry(Duration),
 }
 
-/// One event in its own transaction: applied, retried later, or parked.
+/// One event in its own transaction: applied (after the events it was ahead of), retried
+/// later, or, past `max_deliveries`, the event that does not apply is parked.
 async fn process(
     pool: &PgPool,
     config: &ProjectorsConfig,
@@ -269,59 +365,57 @@ async fn process(
             return Ok(Ack::Ack);
         }
     };
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-        .bind(lock_key(projection))
-        .execute(&mut *tx)
-        .await?;
-    use_schema(&mut tx, "read").await?;
-    if let Some(blocking) = parked::blocking(&mut tx, projection, &event).await? {
+    Ok(process_event(pool, config, projection, &event, deliveries)
+        .await?
+        .0)
+}
+
+/// [`process`] for a decoded event; also says whether it was applied.
+async fn process_event(
+    pool: &PgPool,
+    config: &ProjectorsConfig,
+    projection: Projection,
+    event: &Envelope,
+    deliveries: i64,
+) -> Result<(Ack, bool), ProjectorError> {
+    let mut tx = begin(pool, projection).await?;
+    if parked::is_blocked(&mut tx, projection, event).await? {
+        // waits behind its parked event; applied from the store once that is resolved
         tx.rollback().await?;
-        let reason = format!("blocked behind parked event #{blocking} of this aggregate");
-        parked::park(pool, projection, &event, &reason, deliveries).await?;
-        return Ok(Ack::Ack);
+        return Ok((Ack::Ack, false));
     }
-    match apply(&mut tx, projection, &event).await {
-        Ok(Fate::Applied) => {
+    match apply(&mut tx, projection, event).await {
+        Ok(Fate::Applied { filled }) => {
             tx.commit().await?;
-            let lag = (chrono::Utc::now() - event.recorded_at)
-                .to_std()
-                .unwrap_or_default();
-            metrics::histogram!("canopy_projection_lag_seconds", "projection" => projection.name())
-                .record(lag.as_secs_f64());
-            metrics::counter!("canopy_projection_events_total", "projection" => projection.name())
-                .increment(1);
-            Ok(Ack::Ack)
+            record_applied(projection, event, filled);
+            Ok((Ack::Ack, true))
         }
         Ok(Fate::Duplicate) => {
             tx.rollback().await?;
-            Ok(Ack::Ack)
+            Ok((Ack::Ack, false))
         }
-        Ok(Fate::Gap { expected }) => {
+        Err(ApplyError::Database(error)) => Err(error.into()),
+        Err(ApplyError::Handler {
+            event: failed,
+            error,
+        }) => {
             tx.rollback().await?;
-            if deliveries >= config.max_gap_deliveries {
-                let reason = format!("event #{expected} of this aggregate never arrived");
-                parked::park(pool, projection, &event, &reason, deliveries).await?;
-                return Ok(Ack::Ack);
-            }
-            Ok(Ack::Retry(Duration::from_millis(200)))
-        }
-        Err(error) => {
-            tx.rollback().await?;
-            tracing::warn!(%error, projection = projection.name(), event = %event.id, deliveries, "event does not apply");
+            tracing::warn!(%error, projection = projection.name(), event = %failed.id, sequence = failed.sequence, deliveries, "event does not apply");
             if deliveries >= config.max_deliveries {
-                parked::park(pool, projection, &event, &error.to_string(), deliveries).await?;
-                return Ok(Ack::Ack);
+                parked::park(pool, projection, &failed, &error.to_string(), deliveries).await?;
+                return Ok((Ack::Ack, false));
             }
-            Ok(Ack::Retry(backoff(deliveries)))
+            Ok((Ack::Retry(backoff(deliveries)), false))
         }
     }
 }
 
 /// 100 ms, 200 ms, 400 ms ... capped at 10 s, with jitter.
 fn backoff(deliveries: i64) -> Duration {
-    let exponent = u32::try_from(deliveries.clamp(1, 8) - 1).unwrap_or(0);
-    let base = 100u64 * (1 << exponent);
-    let jitter = rand::random::<u64>() % (base / 2 + 1);
-    Duration::from_millis((base + jitter).min(10_000))
+    let failures = u32::try_from(deliveries.saturating_sub(1)).unwrap_or(0);
+    Backoff::after(
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+        failures,
+    )
 }

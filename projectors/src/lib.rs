@@ -5,8 +5,9 @@
 //! stream through a durable pull consumer ([`consumer`]), applying each event exactly once per
 //! `(aggregate, sequence)` ([`apply`]). A projection that was never built, or whose definition
 //! changed, is first rebuilt from the event store ([`rebuild`]), so a projection added after
-//! events exist backfills from the start. Events that cannot be applied are parked
-//! ([`parked`]).
+//! events exist backfills from the start. An event ahead of its aggregate's position is applied
+//! after the missing ones, read from the event store: nothing waits for a redelivery. Events
+//! that cannot be applied are parked and retried with backoff ([`parked`]).
 
 mod apply;
 pub mod consumer;
@@ -43,11 +44,8 @@ pub enum ProjectorError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectorsConfig {
     /// The relay's stream.
-    #[arg(long, env = "CANOPY_STREAM_NAME", default_value = "CANOPY_EVENTS")]
-    pub stream_name: String,
-    /// The relay's subject prefix.
-    #[arg(long, env = "CANOPY_SUBJECT_PREFIX", default_value = "canopy.events")]
-    pub subject_prefix: String,
+    #[command(flatten)]
+    pub stream: canopy_config::StreamArgs,
     /// Durable consumers are named `<prefix>-<projection>`.
     #[arg(
         long,
@@ -62,42 +60,31 @@ pub struct ProjectorsConfig {
     #[arg(long, env = "CANOPY_PROJECTOR_BATCH", default_value_t = 256)]
     pub batch_size: usize,
     /// How long JetStream waits for an ack before redelivering.
-    #[arg(long, env = "CANOPY_PROJECTOR_ACK_WAIT", value_parser = parse_seconds, default_value = "30")]
+    #[arg(long, env = "CANOPY_PROJECTOR_ACK_WAIT", value_parser = canopy_config::parse_duration, default_value = "30s")]
     pub ack_wait: Duration,
     /// Attempts at an event that fails before it is parked.
     #[arg(long, env = "CANOPY_PROJECTOR_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: i64,
-    /// Deliveries of an event whose predecessor is missing before it is parked.
-    #[arg(
-        long,
-        env = "CANOPY_PROJECTOR_MAX_GAP_DELIVERIES",
-        default_value_t = 50
-    )]
-    pub max_gap_deliveries: i64,
+    /// Longest wait between two automatic retries of a parked event (the waits start at one
+    /// second and double).
+    #[arg(long, env = "CANOPY_PROJECTOR_PARKED_RETRY_MAX", value_parser = canopy_config::parse_duration, default_value = "5m")]
+    pub parked_retry_max: Duration,
     /// Test only: stop a worker as if its process died.
     #[arg(skip)]
     pub crash: Option<Crash>,
-}
-
-fn parse_seconds(value: &str) -> Result<Duration, String> {
-    value
-        .parse::<f64>()
-        .map(Duration::from_secs_f64)
-        .map_err(|e| e.to_string())
 }
 
 impl ProjectorsConfig {
     /// Defaults, for a stream and subject prefix (tests use their own).
     pub fn new(stream_name: impl Into<String>, subject_prefix: impl Into<String>) -> Self {
         Self {
-            stream_name: stream_name.into(),
-            subject_prefix: subject_prefix.into(),
+            stream: canopy_config::StreamArgs::new(stream_name, subject_prefix),
             consumer_prefix: "canopy-projector".to_owned(),
             max_ack_pending: 512,
             batch_size: 256,
             ack_wait: Duration::from_secs(30),
             max_deliveries: 5,
-            max_gap_deliveries: 50,
+            parked_retry_max: Duration::from_secs(300),
             crash: None,
         }
     }
@@ -142,6 +129,18 @@ impl Projectors {
                 stopped.clone(),
                 self.processed.clone(),
             ));
+            workers.spawn({
+                let retries = parked::retry_loop(
+                    self.pool.clone(),
+                    projection,
+                    self.config.parked_retry_max,
+                    stopped.clone(),
+                );
+                async move {
+                    retries.await;
+                    Ok(())
+                }
+            });
         }
         let failure = tokio::select! {
             _ = shutdown => None,
@@ -197,10 +196,10 @@ pub async fn ensure_built(pool: &PgPool, projection: Projection) -> Result<(), P
 
 /// Connects to Postgres and NATS for a standalone projectors process.
 pub async fn connect(
-    database_url: &str,
-    nats_url: &str,
+    database: &canopy_config::DatabaseArgs,
+    nats: &canopy_config::NatsArgs,
 ) -> anyhow::Result<(PgPool, async_nats::Client)> {
-    let mut db = canopy_event_store::DbConfig::new(database_url);
+    let mut db = canopy_event_store::DbConfig::new(database.url()?);
     db.application_name = "canopy-projectors".to_owned();
     let pool = canopy_event_store::connect(&db)
         .await
@@ -208,8 +207,8 @@ pub async fn connect(
     canopy_event_store::migrate(&pool)
         .await
         .context("apply migrations")?;
-    let client = async_nats::connect(nats_url)
-        .await
-        .context("connect to NATS")?;
+    let client = nats
+        .connect("canopy-projectors", Duration::from_secs(30))
+        .await?;
     Ok((pool, client))
 }

@@ -6,12 +6,10 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Postgres URL.
-    #[arg(long, env = "CANOPY_DATABASE_URL")]
-    database_url: String,
-    /// NATS URL.
-    #[arg(long, env = "CANOPY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    database: canopy_config::DatabaseArgs,
+    #[command(flatten)]
+    nats: canopy_config::NatsArgs,
     #[command(flatten)]
     config: canopy_projectors::ProjectorsConfig,
 }
@@ -24,18 +22,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let (pool, client) = canopy_projectors::connect(&cli.database_url, &cli.nats_url).await?;
+    let (pool, client) = canopy_projectors::connect(&cli.database, &cli.nats).await?;
     let projectors = canopy_projectors::Projectors::new(cli.config, pool, client);
     projectors
-        .run_until(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("install the SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
+        .run_until(canopy_process::shutdown_signal())
         .await?;
     Ok(())
 }

@@ -1,14 +1,17 @@
-//! Parked events: what a projection could not apply, kept with the error in
-//! `read.parked_events` and counted in metrics, never dropped silently. An aggregate with an open
-//! parked event has its later events parked behind it, so its rows never skip an event; other
-//! aggregates are not held up. [`retry`] applies an aggregate's parked events again, in order,
-//! once the cause is fixed.
+//! Parked events: what a projection could not apply (a handler error, never a gap), kept with
+//! the error in `read.parked_events` and counted in metrics, never dropped silently. An
+//! aggregate with an open parked event has its later events wait behind it, so its rows never
+//! skip an event; other aggregates are not held up. [`retry`] brings such an aggregate up to
+//! date from the event store: the projectors run it on their own with backoff
+//! ([`retry_loop`]), and `canopy parked --retry` runs it at once after a fix.
 
 use canopy_relay::Envelope;
 use sqlx::{PgConnection, PgPool};
 
 use crate::ProjectorError;
-use crate::apply::{Fate, apply, lock_key, use_schema};
+use std::time::Duration;
+
+use crate::apply::{ApplyError, Positions, begin, catch_up, is_transient};
 use crate::projections::Projection;
 
 /// Parks `event` with `error`.
@@ -22,7 +25,7 @@ pub(crate) async fn park(
     let mut conn = pool.acquire().await?;
     park_with(&mut conn, projection, event, error, deliveries).await?;
     drop(conn);
-    report(pool, projection).await;
+    report_gauge(pool, projection).await;
     Ok(())
 }
 
@@ -41,7 +44,8 @@ pub(crate) async fn park_with(
              event_type, error, deliveries, envelope)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (projection, event_id) DO UPDATE
-            SET error = EXCLUDED.error, deliveries = EXCLUDED.deliveries, resolved_at = NULL",
+            SET error = EXCLUDED.error, deliveries = EXCLUDED.deliveries, resolved_at = NULL,
+                next_attempt_at = now() + interval '1 second'",
     )
     .bind(projection.name())
     .bind(event.id)
@@ -104,25 +108,23 @@ pub(crate) async fn park_unreadable(
     );
     metrics::counter!("canopy_projection_parked_total", "projection" => projection.name())
         .increment(1);
-    report(pool, projection).await;
+    report_gauge(pool, projection).await;
     Ok(())
 }
 
-/// The sequence of the earliest open parked event of `event`'s aggregate, if any.
-pub(crate) async fn blocking(
+/// Whether `event`'s aggregate has an open parked event (its later events wait behind it).
+pub(crate) async fn is_blocked(
     conn: &mut PgConnection,
     projection: Projection,
     event: &Envelope,
-) -> Result<Option<i64>, sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT min(sequence) FROM read.parked_events
-          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 AND resolved_at IS NULL
-            AND sequence < $4",
+        "SELECT EXISTS (SELECT 1 FROM read.parked_events
+          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 AND resolved_at IS NULL)",
     )
     .bind(projection.name())
     .bind(&event.aggregate_type)
     .bind(&event.aggregate_id)
-    .bind(event.sequence)
     .fetch_one(&mut *conn)
     .await
 }
@@ -153,7 +155,7 @@ pub async fn open_count(pool: &PgPool, projection: Projection) -> Result<i64, sq
 }
 
 /// Publishes the number of open parked events as a gauge.
-pub(crate) async fn report(pool: &PgPool, projection: Projection) {
+pub(crate) async fn report_gauge(pool: &PgPool, projection: Projection) {
     match open_count(pool, projection).await {
         Ok(open) => {
             metrics::gauge!("canopy_projection_parked_events", "projection" => projection.name())
@@ -166,65 +168,186 @@ pub(crate) async fn report(pool: &PgPool, projection: Projection) {
 /// What [`retry`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetryReport {
+    /// Parked events now applied.
     pub resolved: u64,
+    /// Parked events that still do not apply (or wait behind one that does not).
     pub still_parked: u64,
+    /// Events of the retried aggregates applied from the event store after their parked ones.
+    pub caught_up: u64,
 }
 
-/// Applies the open parked events of `projection` again, per aggregate in sequence order,
-/// stopping at an aggregate's first event that still fails.
-pub async fn retry(pool: &PgPool, projection: Projection) -> Result<RetryReport, ProjectorError> {
-    let rows: Vec<(uuid::Uuid, String, String, serde_json::Value)> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, aggregate_id, envelope FROM read.parked_events
+/// Which parked events a retry takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Every open one (an operator after fixing the cause: `canopy parked --retry`).
+    All,
+    /// Those whose backoff has run out (the projectors' own retries).
+    Now,
+}
+
+/// Retries parked events per aggregate: from the aggregate's position, its events are applied
+/// again from the event store, in order, up to the newest (the parked events and those that
+/// waited behind them), each page in a transaction. An aggregate that still does not apply
+/// keeps its parked event, with the new error, and backs off (1 s, doubling, up to
+/// `max_backoff`).
+pub async fn retry(
+    pool: &PgPool,
+    projection: Projection,
+    due: Due,
+    max_backoff: Duration,
+) -> Result<RetryReport, ProjectorError> {
+    let aggregates: Vec<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id FROM read.parked_events
           WHERE projection = $1 AND resolved_at IS NULL AND aggregate_id <> ''
-          ORDER BY aggregate_type, aggregate_id, sequence",
+          GROUP BY aggregate_type, aggregate_id
+         HAVING $2 OR min(next_attempt_at) <= now()
+          ORDER BY min(parked_at)
+          LIMIT 1000",
     )
     .bind(projection.name())
+    .bind(due == Due::All)
     .fetch_all(pool)
     .await?;
-    let mut outcome_report = RetryReport::default();
-    let mut failed_aggregate: Option<(String, String)> = None;
-    for (event_id, aggregate_type, aggregate_id, envelope) in rows {
-        if failed_aggregate.as_ref() == Some(&(aggregate_type.clone(), aggregate_id.clone())) {
-            outcome_report.still_parked += 1;
-            continue;
-        }
-        let event: Envelope = serde_json::from_value(envelope).map_err(|e| {
-            ProjectorError::Rebuild(format!("parked event {event_id} unreadable: {e}"))
-        })?;
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(lock_key(projection))
-            .execute(&mut *tx)
-            .await?;
-        use_schema(&mut tx, "read").await?;
-        let outcome = apply(&mut tx, projection, &event).await;
-        match outcome {
-            Ok(Fate::Applied | Fate::Duplicate) => {
-                sqlx::query(
-                    "UPDATE read.parked_events SET resolved_at = now() WHERE projection = $1 AND event_id = $2",
-                )
-                .bind(projection.name())
-                .bind(event_id)
-                .execute(&mut *tx)
-                .await?;
+    let mut report = RetryReport::default();
+    for (aggregate_type, aggregate_id) in aggregates {
+        retry_aggregate(
+            pool,
+            projection,
+            &aggregate_type,
+            &aggregate_id,
+            max_backoff,
+            &mut report,
+        )
+        .await?;
+    }
+    if report != RetryReport::default() {
+        tracing::info!(
+            projection = projection.name(),
+            resolved = report.resolved,
+            still_parked = report.still_parked,
+            caught_up = report.caught_up,
+            "parked events retried"
+        );
+    }
+    report_gauge(pool, projection).await;
+    Ok(report)
+}
+
+/// What one transaction applies at most while an aggregate catches up.
+const CATCH_UP_PAGE: canopy_relay::history::Page = canopy_relay::history::Page {
+    events: 500,
+    bytes: 16 * 1024 * 1024,
+};
+
+async fn retry_aggregate(
+    pool: &PgPool,
+    projection: Projection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    max_backoff: Duration,
+    report: &mut RetryReport,
+) -> Result<(), ProjectorError> {
+    let failure = loop {
+        let mut tx = begin(pool, projection).await?;
+        let mut positions = Positions::new(projection);
+        match catch_up(
+            &mut tx,
+            &mut positions,
+            aggregate_type,
+            aggregate_id,
+            CATCH_UP_PAGE,
+        )
+        .await
+        {
+            Ok(applied) => {
+                positions.flush(&mut tx).await?;
+                let resolved =
+                    resolve_applied_of(&mut tx, projection, aggregate_type, aggregate_id).await?;
                 tx.commit().await?;
-                outcome_report.resolved += 1;
-            }
-            Ok(Fate::Gap { .. }) | Err(_) => {
-                tx.rollback().await?;
-                if let Err(error) = outcome {
-                    sqlx::query("UPDATE read.parked_events SET error = $3 WHERE projection = $1 AND event_id = $2")
-                        .bind(projection.name())
-                        .bind(event_id)
-                        .bind(error.to_string())
-                        .execute(pool)
-                        .await?;
+                report.resolved += resolved;
+                report.caught_up += applied as u64;
+                if applied > 0 {
+                    continue;
                 }
-                failed_aggregate = Some((aggregate_type, aggregate_id));
-                outcome_report.still_parked += 1;
+                // caught up with the store: what is still open was never in it
+                break "the event is not in the event store (it was published by something \
+                       other than the relay)"
+                    .to_owned();
             }
+            Err(ApplyError::Database(error)) if is_transient(&error) => {
+                return Err(error.into());
+            }
+            Err(error) => {
+                tx.rollback().await?;
+                break error.to_string();
+            }
+        }
+    };
+    let still: i64 = sqlx::query_scalar(
+        "WITH failed AS (
+            UPDATE read.parked_events
+               SET error = $4, attempts = attempts + 1,
+                   next_attempt_at = now() + least(
+                       make_interval(secs => power(2, least(attempts, 20))),
+                       make_interval(secs => $5))
+             WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3
+               AND resolved_at IS NULL
+            RETURNING 1)
+         SELECT count(*) FROM failed",
+    )
+    .bind(projection.name())
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(failure)
+    .bind(max_backoff.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    if still > 0 {
+        metrics::counter!("canopy_projection_parked_retries_failed_total", "projection" => projection.name())
+            .increment(1);
+        report.still_parked += u64::try_from(still).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Resolves an aggregate's parked events at or below its position (applied by now).
+async fn resolve_applied_of(
+    conn: &mut PgConnection,
+    projection: Projection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<u64, sqlx::Error> {
+    let resolved = sqlx::query(&format!(
+        "UPDATE read.parked_events p SET resolved_at = now()
+           FROM read.{positions} pos
+          WHERE p.projection = $1 AND p.resolved_at IS NULL
+            AND p.aggregate_type = $2 AND p.aggregate_id = $3
+            AND pos.aggregate_type = p.aggregate_type AND pos.aggregate_id = p.aggregate_id
+            AND p.sequence <= pos.version",
+        positions = projection.positions_table()
+    ))
+    .bind(projection.name())
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(resolved.rows_affected())
+}
+
+/// The projectors' own retries of parked events, until `stop`.
+pub(crate) async fn retry_loop(
+    pool: PgPool,
+    projection: Projection,
+    max_backoff: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if let Err(error) = retry(&pool, projection, Due::Now, max_backoff).await {
+            tracing::warn!(%error, projection = projection.name(), "retrying parked events failed; trying again");
         }
     }
-    report(pool, projection).await;
-    Ok(outcome_report)
 }

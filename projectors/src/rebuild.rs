@@ -16,10 +16,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use canopy_relay::{Envelope, StoredEvent};
+use canopy_relay::{Cursor, Envelope, history};
 use sqlx::{Acquire, PgConnection, PgPool};
 
-use crate::apply::{Fate, Positions, apply_tracked, lock_key, use_schema};
+use crate::apply::{ApplyError, Positions, apply_tracked, lock_key, use_schema};
 use crate::projections::Projection;
 use crate::{ProjectorError, parked};
 
@@ -212,9 +212,9 @@ async fn replay_batch<'c>(
             break;
         }
         match apply_tracked(&mut tx, &mut positions, event).await {
-            Ok(Fate::Applied | Fate::Duplicate) => {}
-            Ok(Fate::Gap { expected }) => return Err(gap(event, expected)),
-            Err(_) => {
+            Ok(_) => {}
+            Err(ApplyError::Database(error)) => return Err(error.into()),
+            Err(ApplyError::Handler { .. }) => {
                 all_applied = false;
                 break;
             }
@@ -235,8 +235,9 @@ async fn replay_batch<'c>(
     Ok(tx)
 }
 
-/// Applies one event in a savepoint; an event that does not apply is parked, and so are the
-/// later events of its aggregate.
+/// Applies one event in a savepoint; an event that does not apply is parked, and the later
+/// events of its aggregate wait behind it (the projectors' retries bring them in once it
+/// applies).
 async fn replay_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     positions: &mut Positions,
@@ -246,90 +247,77 @@ async fn replay_one(
     let projection = positions.projection();
     let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
     if blocked.contains(&key) {
-        let reason = "blocked behind an earlier parked event of this aggregate";
-        return parked::park_with(tx, projection, event, reason, 0).await;
+        return Ok(());
     }
     // the positions written so far must survive a rollback to the savepoint
     positions.flush(tx).await?;
     let mut savepoint = tx.begin().await?;
     match apply_tracked(&mut savepoint, positions, event).await {
-        Ok(Fate::Applied | Fate::Duplicate) => {
+        Ok(_) => {
             positions.flush(&mut savepoint).await?;
             savepoint.commit().await?;
             Ok(())
         }
-        Ok(Fate::Gap { expected }) => Err(gap(event, expected)),
-        Err(error) => {
+        Err(ApplyError::Database(error)) => Err(error.into()),
+        Err(ApplyError::Handler {
+            event: failed,
+            error,
+        }) => {
             savepoint.rollback().await?;
             positions.forget(event);
             blocked.insert(key);
-            parked::park_with(tx, projection, event, &error.to_string(), 0).await
+            parked::park_with(tx, projection, &failed, &error.to_string(), 0).await
         }
     }
 }
 
-fn gap(event: &Envelope, expected: i64) -> ProjectorError {
-    ProjectorError::Rebuild(format!(
-        "{} {} jumps from {} to {}: the event store has a gap",
-        event.aggregate_type,
-        event.aggregate_id,
-        expected - 1,
-        event.sequence
-    ))
-}
-
-/// Gives the analysts' read-only role (when it exists) SELECT on the swapped-in tables.
+/// Gives the roles that read the read models (the analysts', query-api's) SELECT, and the
+/// writers' role its rows, on the swapped-in tables (each role when it exists).
 async fn grant_analysts(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let exists: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = 'canopy_analyst'")
-            .fetch_optional(&mut *conn)
-            .await?;
-    if exists.is_some() {
-        sqlx::query("GRANT SELECT ON ALL TABLES IN SCHEMA read TO canopy_analyst")
-            .execute(&mut *conn)
-            .await?;
+    let roles: Vec<String> = sqlx::query_scalar(
+        "SELECT rolname::text FROM pg_roles
+          WHERE rolname IN ('canopy_analyst', 'canopy_reader', 'canopy_writer')",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for role in roles {
+        let grant = match role.as_str() {
+            "canopy_analyst" => "GRANT SELECT ON ALL TABLES IN SCHEMA read TO canopy_analyst",
+            "canopy_reader" => "GRANT SELECT ON ALL TABLES IN SCHEMA read TO canopy_reader",
+            _ => {
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA read TO canopy_writer"
+            }
+        };
+        sqlx::query(grant).execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-/// The relay's order: `(transaction_id, position)`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Cursor {
-    transaction_id: u64,
-    position: i64,
-}
-
+/// Up to `limit` events of the projection's aggregate type after `cursor`, in relay order and
+/// below the horizon (the relay's own read).
 async fn read_events(
     conn: &mut PgConnection,
     projection: Projection,
     cursor: &Cursor,
     limit: Option<i64>,
 ) -> Result<Vec<(Cursor, Envelope)>, ProjectorError> {
-    let rows: Vec<StoredEvent> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                metadata, position, transaction_id::text::bigint AS transaction_id, recorded_at
-           FROM public.events
-          WHERE aggregate_type = $1 AND (events.transaction_id, position) > ($2::text::xid8, $3)
-            AND events.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY events.transaction_id, events.position
-          LIMIT $4",
+    let limit = limit
+        .and_then(|l| usize::try_from(l).ok())
+        .unwrap_or(usize::MAX);
+    let rows = history::events_after(
+        &mut *conn,
+        history::Scope::AggregateType(projection.aggregate_type()),
+        *cursor,
+        limit,
     )
-    .bind(projection.aggregate_type())
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.position)
-    .bind(limit.unwrap_or(i64::MAX))
-    .fetch_all(&mut *conn)
     .await?;
     rows.into_iter()
         .map(|row| {
             let id = row.event_id;
+            let cursor = row.cursor();
             let envelope = Envelope::from_stored(row).map_err(|e| {
                 ProjectorError::Rebuild(format!("event {id} has unreadable metadata: {e}"))
             })?;
-            let cursor = Cursor {
-                transaction_id: envelope.transaction_id,
-                position: envelope.position,
-            };
             Ok((cursor, envelope))
         })
         .collect()

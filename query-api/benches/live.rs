@@ -62,9 +62,11 @@ async fn bench(events: usize, idle: usize) -> Result<()> {
     let prefix = format!("{}.events", nats.prefix);
 
     let mut command = canopy_command_api::Config::for_database(db.url.clone());
-    command.jwt_secret = SECRET.into();
+    command.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
     command.rate_limit_per_second = 100_000;
     command.rate_limit_burst = 100_000;
+    // prompts pile up in sessions faster than anything drains them
+    command.max_queued_prompts = 1_000_000;
     let app = canopy_command_api::build(command).await?;
     let command_url = format!("http://{}", app.local_addr());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -40,7 +40,7 @@ async fn bench(sessions: u64, readers: usize) -> Result<()> {
     let db = canopy_testkit::database().await?;
     seed(db.pool(), sessions).await?;
     let mut config = canopy_query_api::Config::for_database(db.url.clone());
-    config.jwt_secret = SECRET.into();
+    config.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
     let app = canopy_query_api::build(config).await?;
     let base = format!("http://{}", app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -27,6 +27,16 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the service is not ready")]
     Unavailable,
+    #[error("this endpoint speaks WebSocket only: send a WebSocket handshake")]
+    UpgradeRequired,
+    #[error("this person already has {limit} live streams open here: close one first")]
+    TooManyStreams { limit: usize },
+    #[error("this server has as many live streams open as it takes: try again later")]
+    StreamsAtCapacity,
+    #[error(
+        "this person already has {limit} reads waiting for consistent_with here: wait for one first"
+    )]
+    TooManyWaits { limit: usize },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -43,37 +53,38 @@ impl ApiError {
         }])
     }
 
-    pub fn code(&self) -> &'static str {
+    /// The one table from error to its stable code and HTTP status (no catch-all: a new error
+    /// does not compile until it is given both).
+    pub fn describe(&self) -> (&'static str, StatusCode) {
         match self {
-            Self::Unauthorized => "unauthorized",
-            Self::Forbidden => "forbidden",
-            Self::NotFound(_) => "not_found",
-            Self::Validation(_) => "validation_failed",
-            Self::NotYetConsistent { .. } => "not_yet_consistent",
-            Self::RouteNotFound => "route_not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Unavailable => "unavailable",
-            Self::Internal(_) => "internal",
+            Self::Unauthorized => ("unauthorized", StatusCode::UNAUTHORIZED),
+            Self::Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            Self::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
+            Self::Validation(_) => ("validation_failed", StatusCode::UNPROCESSABLE_ENTITY),
+            Self::NotYetConsistent { .. } => ("not_yet_consistent", StatusCode::CONFLICT),
+            Self::RouteNotFound => ("route_not_found", StatusCode::NOT_FOUND),
+            Self::MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
+            Self::Unavailable => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            Self::UpgradeRequired => ("upgrade_required", StatusCode::UPGRADE_REQUIRED),
+            Self::TooManyStreams { .. } => ("too_many_streams", StatusCode::TOO_MANY_REQUESTS),
+            Self::TooManyWaits { .. } => ("too_many_waits", StatusCode::TOO_MANY_REQUESTS),
+            Self::StreamsAtCapacity => ("streams_at_capacity", StatusCode::SERVICE_UNAVAILABLE),
+            Self::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 
+    pub fn code(&self) -> &'static str {
+        self.describe().0
+    }
+
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::NotFound(_) | Self::RouteNotFound => StatusCode::NOT_FOUND,
-            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::NotYetConsistent { .. } => StatusCode::CONFLICT,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.describe().1
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::NotYetConsistent { .. } => Some(Duration::from_secs(1)),
-            Self::Unavailable => Some(Duration::from_secs(5)),
+            Self::Unavailable | Self::StreamsAtCapacity => Some(Duration::from_secs(5)),
             _ => None,
         }
     }
@@ -89,7 +100,15 @@ impl IntoResponse for ApiError {
             Self::Validation(errors) => Some(errors.clone()),
             _ => None,
         };
-        Problem::new(self.status(), self.code(), self.to_string(), errors)
-            .into_response_with(self.retry_after())
+        let mut response = Problem::new(self.status(), self.code(), self.to_string(), errors)
+            .into_response_with(self.retry_after());
+        if let Self::UpgradeRequired = self {
+            // RFC 9110: a 426 names the protocol to switch to
+            response.headers_mut().insert(
+                axum::http::header::UPGRADE,
+                axum::http::HeaderValue::from_static("websocket"),
+            );
+        }
+        response
     }
 }

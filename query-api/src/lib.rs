@@ -9,6 +9,9 @@
 //! Live subscriptions ([`live`]) stream a session's events over SSE and WebSocket, resumable,
 //! with presence, fanned out from one NATS subscription per process.
 //!
+//! It never changes the schema: it waits at start-up until the database has every migration it
+//! knows (applied by `canopy migrate` or command-api), so it can run as `canopy_reader`.
+//!
 //! `build(config)` binds (port 0 in tests) and `App::run_until(shutdown)` serves until shutdown.
 
 mod auth;
@@ -25,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::http::Method;
-use canopy_auth::{AuthConfig, Verifier};
+use canopy_auth::Verifier;
 use canopy_event_store::{DbConfig, PgPool};
 use canopy_http::BearerAuth;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -36,41 +39,62 @@ use utoipa_axum::routes;
 
 use error::ApiError;
 
-/// query-api's configuration (flags or `CANOPY_*` environment variables).
+/// query-api's configuration (flags or `CANOPY_*` environment variables): where the database,
+/// the tokens' keys and NATS are, which it shares with the other services, and its own
+/// [`Settings`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    #[command(flatten)]
+    pub database: canopy_config::DatabaseArgs,
+    #[command(flatten)]
+    pub tokens: canopy_config::TokenArgs,
+    #[command(flatten)]
+    pub cors: canopy_config::CorsArgs,
+    /// NATS for live subscriptions (without it, the stream endpoints answer 503).
+    #[command(flatten)]
+    pub nats: canopy_config::NatsArgs,
+    /// The relay's subjects, which live subscriptions follow.
+    #[command(flatten)]
+    pub subjects: canopy_config::SubjectArgs,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// query-api's own settings, apart from what it shares with the other services, so that
+/// `canopy up` can take them beside command-api's (argument ids and flags are unique across both).
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "query_api")]
+#[command(next_help_heading = "Query API")]
+pub struct Settings {
     /// Address to listen on.
     #[arg(
-        long = "listen",
+        id = "query_listen",
+        long = "query-listen",
+        value_name = "ADDR",
         env = "CANOPY_QUERY_API_ADDR",
         default_value = "127.0.0.1:8081"
     )]
     pub listen: SocketAddr,
-    /// Postgres URL (falls back to DATABASE_URL).
-    #[arg(long, env = "CANOPY_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// HS256 secret for bearer tokens.
-    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
-    pub jwt_secret: String,
-    /// PEM file with an RS256 public key; RS256 tokens are accepted when set.
-    #[arg(long, env = "CANOPY_JWT_RS256_PUBLIC_KEY_FILE")]
-    pub jwt_rs256_public_key_file: Option<std::path::PathBuf>,
-    /// How long a read waits for `consistent_with` before answering 409, in milliseconds.
-    #[arg(long, env = "CANOPY_CONSISTENCY_TIMEOUT_MS", default_value_t = 2000)]
-    pub consistency_timeout_ms: u64,
-    /// Origins allowed by CORS (comma-separated; none by default).
-    #[arg(long, env = "CANOPY_CORS_ORIGINS", value_delimiter = ',')]
-    pub cors_origins: Vec<String>,
     /// Database connections.
-    #[arg(long, env = "CANOPY_QUERY_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    #[arg(
+        id = "query_db_max_connections",
+        long = "query-db-max-connections",
+        value_name = "N",
+        env = "CANOPY_QUERY_DB_MAX_CONNECTIONS",
+        default_value_t = 20
+    )]
     pub db_max_connections: u32,
-    /// NATS server for live subscriptions (falls back to NATS_URL; without either, the stream
-    /// endpoints answer 503).
-    #[arg(long, env = "CANOPY_NATS_URL")]
-    pub nats_url: Option<String>,
-    /// The events' subject prefix (the relay's).
-    #[arg(long, env = "CANOPY_SUBJECT_PREFIX", default_value = "canopy.events")]
-    pub subject_prefix: String,
+    /// How long a read waits for `consistent_with` before answering 409.
+    #[arg(long, env = "CANOPY_CONSISTENCY_TIMEOUT", value_parser = canopy_config::parse_duration, default_value = "2s")]
+    pub consistency_timeout: Duration,
+    /// Reads one person may have waiting for `consistent_with` at once in this process; more
+    /// are refused with 429 `too_many_waits`.
+    #[arg(long, env = "CANOPY_CONSISTENCY_WAITS_PER_PERSON", default_value_t = 8)]
+    pub consistency_waits_per_person: usize,
+    /// How long query-api waits at start-up for the database's migrations, which it never
+    /// applies itself (it needs no DDL rights): `canopy migrate` or command-api applies them.
+    #[arg(long, env = "CANOPY_QUERY_MIGRATIONS_WAIT", value_parser = canopy_config::parse_duration, default_value = "60s")]
+    pub migrations_wait: Duration,
     /// Subject prefix of presence heartbeats.
     #[arg(
         long,
@@ -81,12 +105,27 @@ pub struct Config {
     /// Events a live client may have buffered before it is closed (with a resumable position).
     #[arg(long, env = "CANOPY_LIVE_BUFFER", default_value_t = 256)]
     pub live_buffer: usize,
-    /// Presence heartbeat interval in milliseconds (absent after three missed beats).
-    #[arg(long, env = "CANOPY_PRESENCE_HEARTBEAT_MS", default_value_t = 5000)]
-    pub presence_heartbeat_ms: u64,
-    /// Keep-alive interval of streams, in milliseconds.
-    #[arg(long, env = "CANOPY_STREAM_KEEPALIVE_MS", default_value_t = 15000)]
-    pub keep_alive_ms: u64,
+    /// Presence heartbeat interval (absent after three missed beats; at least 10ms).
+    #[arg(long, env = "CANOPY_PRESENCE_HEARTBEAT", value_parser = canopy_config::parse_duration, default_value = "5s")]
+    pub presence_heartbeat: Duration,
+    /// Keep-alive interval of streams (at least 10ms).
+    #[arg(long, env = "CANOPY_STREAM_KEEPALIVE", value_parser = canopy_config::parse_duration, default_value = "15s")]
+    pub keep_alive: Duration,
+    /// Events a live stream reads from the event store at once (its history and any gap are
+    /// read a page at a time).
+    #[arg(long, env = "CANOPY_LIVE_HISTORY_PAGE", default_value_t = 128)]
+    pub live_history_page: usize,
+    /// Payload bytes a page of a live stream's history holds at most (past its first event).
+    #[arg(long, env = "CANOPY_LIVE_HISTORY_PAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub live_history_page_bytes: usize,
+    /// Live streams (SSE, WebSocket, workspace) one person may have open in this process; more
+    /// are refused with 429 `too_many_streams`.
+    #[arg(long, env = "CANOPY_LIVE_MAX_STREAMS_PER_PERSON", default_value_t = 16)]
+    pub live_max_streams_per_person: usize,
+    /// Live streams this process keeps open in all; more are refused with 503
+    /// `streams_at_capacity`.
+    #[arg(long, env = "CANOPY_LIVE_MAX_STREAMS", default_value_t = 10_000)]
+    pub live_max_streams: usize,
 }
 
 impl Config {
@@ -99,11 +138,14 @@ impl Config {
             config: Config,
         }
         let mut config = Defaults::parse_from(["query-api"]).config;
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.database_url = Some(database_url.into());
+        config.settings.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database = canopy_config::DatabaseArgs::new(database_url);
         config
     }
 }
+
+/// The shortest presence heartbeat and stream keep-alive, whatever is configured.
+const MIN_LIVE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -111,10 +153,20 @@ pub struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) consistency_timeout: Duration,
+    pub(crate) waits: Arc<query::Waits>,
     pub(crate) metrics: PrometheusHandle,
     pub(crate) live: Option<Arc<live::Live>>,
     pub(crate) ticket_secret: String,
     pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::extract::FromRef<AppState> for canopy_http::ops::Ops {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            pool: state.pool.clone(),
+            metrics: state.metrics.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -133,48 +185,39 @@ pub struct App {
 
 /// Connects to the database (applying migrations) and binds the listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let url = config
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .filter(|url| !url.is_empty())
-        .context("no database: set CANOPY_DATABASE_URL (or DATABASE_URL)")?;
-    let mut db = DbConfig::new(url);
-    db.max_connections = config.db_max_connections;
+    // before anything else: the public dev secret must not face other hosts
+    config.tokens.check_listen(config.settings.listen)?;
+    let mut db = DbConfig::new(config.database.url()?);
+    db.max_connections = config.settings.db_max_connections;
     db.application_name = "canopy-query-api".to_owned();
     let pool = canopy_event_store::connect(&db)
         .await
         .context("connect to the database")?;
-    canopy_event_store::migrate(&pool)
+    // the read service holds no DDL rights: `canopy migrate` or command-api applies them
+    canopy_event_store::wait_migrated(&pool, config.settings.migrations_wait)
         .await
-        .context("apply migrations")?;
-    let rs256_public_key_pem = match &config.jwt_rs256_public_key_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("read the RS256 public key {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let verifier = Verifier::new(&AuthConfig {
-        hs256_secret: config.jwt_secret.clone(),
-        rs256_public_key_pem,
-        leeway_secs: 30,
-    })
-    .context("configure token verification")?;
-    let nats_url = config
-        .nats_url
-        .clone()
-        .or_else(|| std::env::var("NATS_URL").ok())
-        .filter(|url| !url.is_empty());
-    let live = match nats_url {
+        .context("wait for the database's migrations")?;
+    let verifier = config
+        .tokens
+        .verifier()
+        .context("configure token verification")?;
+    let live = match config.nats.url_if_set() {
         Some(url) => {
-            let client = async_nats::connect(&url).await.context("connect to NATS")?;
+            let client =
+                canopy_config::connect_nats(&url, "canopy-query-api", Duration::from_secs(30))
+                    .await?;
             let live_config = live::LiveConfig {
-                subject_prefix: config.subject_prefix.clone(),
-                presence_prefix: config.presence_prefix.clone(),
-                buffer: config.live_buffer,
-                heartbeat: Duration::from_millis(config.presence_heartbeat_ms.max(10)),
-                keep_alive: Duration::from_millis(config.keep_alive_ms.max(10)),
+                subject_prefix: config.subjects.subject_prefix.clone(),
+                presence_prefix: config.settings.presence_prefix.clone(),
+                buffer: config.settings.live_buffer,
+                heartbeat: config.settings.presence_heartbeat.max(MIN_LIVE_INTERVAL),
+                keep_alive: config.settings.keep_alive.max(MIN_LIVE_INTERVAL),
+                page: live::history::PageLimits {
+                    events: config.settings.live_history_page.max(1),
+                    bytes: config.settings.live_history_page_bytes,
+                },
+                max_streams_per_person: config.settings.live_max_streams_per_person,
+                max_streams: config.settings.live_max_streams,
             };
             Some(
                 live::Live::start(client, pool.clone(), live_config)
@@ -191,16 +234,19 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let state = AppState {
         pool,
         verifier: Arc::new(verifier),
-        consistency_timeout: Duration::from_millis(config.consistency_timeout_ms),
+        consistency_timeout: config.settings.consistency_timeout,
+        waits: Arc::new(query::Waits::new(
+            config.settings.consistency_waits_per_person,
+        )),
         metrics: canopy_http::metrics_handle(),
         live,
-        ticket_secret: config.jwt_secret.clone(),
+        ticket_secret: config.tokens.secret.jwt_secret.clone(),
         shutdown: shutdown_rx,
     };
-    let router = router(state, &config.cors_origins)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let router = router(state, &config.cors.cors_origins)?;
+    let listener = tokio::net::TcpListener::bind(config.settings.listen)
         .await
-        .with_context(|| format!("listen on {}", config.listen))?;
+        .with_context(|| format!("listen on {}", config.settings.listen))?;
     Ok(App {
         listener,
         router,
@@ -222,13 +268,12 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let streams = self.shutdown;
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = streams.send(true);
-            })
-            .await
-            .context("serve HTTP")
+        canopy_http::serve::serve(self.listener, self.router, async move {
+            shutdown.await;
+            let _ = streams.send(true);
+        })
+        .await
+        .context("serve HTTP")
     }
 }
 
@@ -242,14 +287,17 @@ impl App {
         (name = "sessions", description = "Sessions and what happened in them"),
         (name = "features", description = "Features and their shared context"),
         (name = "analytics", description = "Aggregates over the read models"),
+        (name = "budgets", description = "What the workspace's agents may spend, with spent and remaining"),
         (name = "live", description = "Live subscriptions: SSE and WebSocket, resumable, with presence"),
+        (name = "webhooks", description = "Webhook subscriptions and their delivery log (owner, admin)"),
+        (name = "audit", description = "Auditors (owner, admin, auditor): event logs with their hash chain, state at any sequence, chain verification"),
         (name = "ops", description = "Health, readiness and metrics"),
     )
 )]
 pub struct ApiDoc;
 
 fn api_router() -> OpenApiRouter<AppState> {
-    use routes::{analytics, ops, read};
+    use routes::{analytics, audit, budgets, read, webhooks};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(read::list_sessions))
         .routes(routes!(read::get_session))
@@ -267,19 +315,31 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(analytics::plan_latency))
         .routes(routes!(analytics::prompts_per_user_per_day))
         .routes(routes!(analytics::agent_time))
+        .routes(routes!(budgets::spend))
+        .routes(routes!(budgets::budgets))
         .routes(routes!(live::session_sse))
         .routes(routes!(live::session_ws))
         .routes(routes!(live::session_presence))
         .routes(routes!(live::workspace_sse))
         .routes(routes!(live::stream_ticket))
-        .routes(routes!(ops::healthz))
-        .routes(routes!(ops::readyz))
-        .routes(routes!(ops::metrics))
+        .routes(routes!(audit::session_events))
+        .routes(routes!(audit::verify_session))
+        .routes(routes!(audit::session_state))
+        .routes(routes!(audit::workspace_events))
+        .routes(routes!(webhooks::list_webhooks))
+        .routes(routes!(webhooks::list_deliveries))
+        .merge(canopy_http::ops::routes())
 }
 
 /// The OpenAPI document as the code defines it (checked in as `openapi/query-api.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_router().split_for_parts().1
+}
+
+/// The live streams' AsyncAPI document as the code defines it (checked in as
+/// `openapi/live.asyncapi.json`).
+pub fn asyncapi() -> serde_json::Value {
+    live::asyncapi::document()
 }
 
 fn router(state: AppState, cors_origins: &[String]) -> anyhow::Result<Router> {

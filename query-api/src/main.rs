@@ -19,13 +19,5 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let app = canopy_query_api::build(Cli::parse().config).await?;
     tracing::info!(addr = %app.local_addr(), "query-api listening");
-    app.run_until(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
-    .await
+    app.run_until(canopy_process::shutdown_signal()).await
 }

@@ -1,6 +1,12 @@
 //! The product as a user runs it: `canopy up` with nothing configured, `canopy demo` against it,
 //! a live stream watched from outside, Ctrl+C, and nothing left behind.
 
+mod bench;
+mod cluster;
+mod config;
+mod faults;
+mod stack;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

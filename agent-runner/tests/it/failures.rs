@@ -27,7 +27,7 @@ async fn model_errors_cut_streams_and_hangs_fail_the_prompt_and_the_queue_goes_o
         .then_always(Step::text("Plan: fine\n1. all good"));
     let mut stack = Stack::start(script).await.unwrap();
     let mut config = stack.runner_config();
-    config.inactivity_seconds = 5;
+    config.inactivity_timeout = Duration::from_secs(5);
     stack.start_runner(config).await.unwrap();
     let member = person("mia", "Mia Member", Role::Member, None);
     let session = stack.start_session(&member, None).await.unwrap();
@@ -121,8 +121,8 @@ async fn a_runner_killed_mid_build_is_taken_over_after_its_lease_and_nothing_is_
         .env("CANOPY_SANDBOX_ROOT", config.sandbox_root.clone().unwrap())
         .env("CANOPY_RUNNER_GIT_SCHEMES", "https,file")
         .env(
-            "CANOPY_RUNNER_LEASE_SECONDS",
-            config.lease_seconds.to_string(),
+            "CANOPY_RUNNER_LEASE",
+            format!("{}ms", config.lease.as_millis()),
         )
         .env("CANOPY_RUNNER_BASH_ALLOW_WORKSPACES", WORKSPACE)
         .env(
@@ -146,7 +146,14 @@ async fn a_runner_killed_mid_build_is_taken_over_after_its_lease_and_nothing_is_
     assert_eq!(owner.0, "runner-a");
     runner_a.start_kill().unwrap();
     runner_a.wait().await.unwrap();
-    let killed = tokio::time::Instant::now();
+    // A renewed its lease last at some moment before the kill; nobody may take over before the
+    // expiry that renewal set (read now that A can renew no more, on the database's clock).
+    let (a_expires,): (chrono::DateTime<chrono::Utc>,) =
+        sqlx::query_as("SELECT expires_at FROM runner_leases WHERE session_id = $1")
+            .bind(session.to_string())
+            .fetch_one(stack.db.pool())
+            .await
+            .unwrap();
 
     // Runner B takes the session over once A's lease has expired.
     stack.start_runner(stack.runner_config()).await.unwrap();
@@ -159,7 +166,18 @@ async fn a_runner_killed_mid_build_is_taken_over_after_its_lease_and_nothing_is_
             .contains("stopped before it finished"),
         "{failed}"
     );
-    assert!(killed.elapsed() >= Duration::from_secs(config.lease_seconds) - Duration::from_secs(1));
+    let (failed_at,): (chrono::DateTime<chrono::Utc>,) = sqlx::query_as(
+        "SELECT recorded_at FROM events WHERE aggregate_type = 'session' AND aggregate_id = $1 \
+          AND event_type = 'PromptFailed'",
+    )
+    .bind(session.to_string())
+    .fetch_one(stack.db.pool())
+    .await
+    .unwrap();
+    assert!(
+        failed_at >= a_expires,
+        "B took the session over at {failed_at}, before A's lease expired at {a_expires}"
+    );
     let plan = stack.wait_for(session, "PlanProposed", 2, WAIT).await;
     assert_eq!(plan["prompt_id"], second.to_string());
 

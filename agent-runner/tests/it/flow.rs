@@ -162,7 +162,7 @@ async fn a_rejection_comment_brings_a_revised_plan_and_feature_learnings_reach_t
         .then(Step::text("Done."));
     let mut stack = Stack::start(script).await.unwrap();
     let mut config = stack.runner_config();
-    config.sandbox_idle_seconds = 2;
+    config.sandbox_idle_timeout = Duration::from_secs(2);
     stack.start_runner(config).await.unwrap();
     let member = person("mia", "Mia Member", Role::Member, None);
     let admin = person("ada", "Ada Admin", Role::Admin, None);
@@ -433,7 +433,7 @@ async fn an_unanswered_tool_ask_fails_the_prompt_after_the_approval_timeout() {
         .then(Step::text("Done."));
     let mut stack = Stack::start(script).await.unwrap();
     let mut config = stack.runner_config();
-    config.approval_seconds = 6;
+    config.approval_timeout = Duration::from_secs(6);
     stack.start_runner(config).await.unwrap();
     let member = person("mia", "Mia Member", Role::Member, None);
     let admin = person("ada", "Ada Admin", Role::Admin, None);
@@ -456,5 +456,55 @@ async fn an_unanswered_tool_ask_fails_the_prompt_after_the_approval_timeout() {
     assert!(asked.elapsed() < Duration::from_secs(30));
     let types = stack.types(session).await;
     assert!(!types.contains(&"PromptCompleted".to_owned()), "{types:?}");
+    stack.stop_runners().await;
+}
+
+/// A runner forced rootless (as any user): its status says so, and a prompt runs to completion
+/// in a sandbox of the runner's own uid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rootless_runner_says_so_and_runs_a_prompt_to_completion() {
+    let mut stack = Stack::start(canopy_scripted_model::demo_script())
+        .await
+        .unwrap();
+    let mut config = stack.runner_config();
+    config.sandbox_rootless = true;
+    config.bash_allow_workspaces = vec![crate::support::WORKSPACE.to_owned()];
+    stack.start_runner(config).await.unwrap();
+    let status: Value = reqwest::get(format!("http://{}/health", stack.runner_addrs[0]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["sandbox"]["mode"], "rootless", "{status}");
+    assert!(status["sandbox"]["cgroups"].is_boolean(), "{status}");
+    assert_eq!(status["sandbox"]["disk_quota_hard"], false, "{status}");
+    let member = person("mia", "Mia Member", Role::Member, None);
+    let admin = person("ada", "Ada Admin", Role::Admin, None);
+
+    let session = stack.start_session(&member, None).await.unwrap();
+    stack
+        .prompt(&member, session, "Add a note about the release")
+        .await
+        .unwrap();
+    let plan = stack.wait_for(session, "PlanProposed", 1, WAIT).await;
+    let plan_id = plan["plan_id"].as_str().unwrap();
+    stack
+        .post(
+            &admin,
+            &format!("/sessions/{session}/plans/{plan_id}/approve"),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    stack.wait_for(session, "PromptCompleted", 1, WAIT).await;
+
+    let written = stack.workspace_of(session).join("canopy-demo.txt");
+    assert!(written.is_file(), "the demo agent wrote its file");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&written).unwrap()),
+        rustix::process::geteuid().as_raw(),
+        "rootless: the workspace is the runner's own user's"
+    );
     stack.stop_runners().await;
 }

@@ -30,6 +30,8 @@ pub(crate) struct Stack {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) remote: PathBuf,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The status endpoint of each runner started, in order.
+    pub(crate) runner_addrs: Vec<std::net::SocketAddr>,
     runners: Vec<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<Result<()>>,
@@ -57,7 +59,7 @@ impl Stack {
         let mut stops = Vec::new();
 
         let mut command = canopy_command_api::Config::for_database(db.url.clone());
-        command.jwt_secret = SECRET.into();
+        command.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
         command.db_max_connections = 6;
         let app = canopy_command_api::build(command).await?;
         let command = format!("http://{}", app.local_addr());
@@ -68,11 +70,11 @@ impl Stack {
         stops.push(stop);
 
         let mut query = canopy_query_api::Config::for_database(db.url.clone());
-        query.jwt_secret = SECRET.into();
-        query.db_max_connections = 4;
-        query.nats_url = Some(nats.url.clone());
-        query.subject_prefix = format!("{}.events", nats.prefix);
-        query.presence_prefix = format!("{}.presence", nats.prefix);
+        query.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
+        query.settings.db_max_connections = 4;
+        query.nats = canopy_config::NatsArgs::new(&nats.url);
+        query.subjects.subject_prefix = format!("{}.events", nats.prefix);
+        query.settings.presence_prefix = format!("{}.presence", nats.prefix);
         let app = canopy_query_api::build(query).await?;
         let query = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -116,6 +118,7 @@ impl Stack {
             dir,
             remote,
             stops,
+            runner_addrs: Vec::new(),
             runners: Vec::new(),
         })
     }
@@ -129,11 +132,11 @@ impl Stack {
         config.model_api_key = "sk-runner-test-key-0123456789".into();
         config.sandbox_root = Some(self.dir.path().join("sandboxes"));
         config.git_schemes = vec!["https".into(), "file".into()];
-        config.inactivity_seconds = 20;
-        config.agent_seconds = 120;
-        config.lease_seconds = 6;
-        config.sandbox_idle_seconds = 600;
-        config.drain_seconds = 10;
+        config.inactivity_timeout = Duration::from_secs(20);
+        config.agent_time = Duration::from_secs(120);
+        config.lease = Duration::from_secs(6);
+        config.sandbox_idle_timeout = Duration::from_secs(600);
+        config.drain_timeout = Duration::from_secs(10);
         config
     }
 
@@ -152,6 +155,7 @@ impl Stack {
     pub(crate) async fn start_runner(&mut self, config: Config) -> Result<String> {
         let app = canopy_agent_runner::build(config, self.connections()).await?;
         let id = app.runner_id().to_owned();
+        self.runner_addrs.push(app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -173,6 +177,7 @@ impl Stack {
             .path()
             .join("sandboxes")
             .join(session.to_string())
+            .join("data")
             .join("workspace")
     }
 
@@ -351,6 +356,20 @@ impl Drop for Stack {
         }
         for (stop, _) in self.runners.drain(..) {
             let _ = stop.send(());
+        }
+        // A runner stopped mid-test (or not at all) may leave sandbox disks mounted (root
+        // mode): detach them before the temp dir goes, or it would be deleted through them.
+        let prefix = format!("{}/", self.dir.path().display());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mounts
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|point| point.starts_with(&prefix))
+        {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(point)
+                .status();
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::AppState;
 use crate::commands::{Effect, Ids, check_session, run};
 use crate::dto::{AttachSession, CreateFeature, Empty, RecordDecision, ShareLearning};
 use crate::error::ApiError;
-use crate::extract::{CommandContext, CommandRequest};
+use crate::extract::{CommandContext, CommandHeaders, CommandRequest};
 use crate::routes::{Changed, Created};
 
 async fn feature(
@@ -20,18 +20,18 @@ async fn feature(
     command: impl FnOnce(Actor) -> FeatureCommand,
 ) -> Result<Response, ApiError> {
     let command = command(ctx.caller.actor());
-    run::<Feature>(state, ctx, &feature_id.to_string(), command, effect).await
+    run::<Feature>(state, ctx, &feature_id.to_string(), command, &(), effect).await
 }
 
 /// Create a feature in the caller's workspace.
-#[utoipa::path(post, path = "/features", tag = "features", request_body = CreateFeature,
+#[utoipa::path(post, path = "/features", params(CommandHeaders), tag = "features", request_body = CreateFeature,
     responses(Created), security(("bearer" = [])))]
 pub(crate) async fn create_feature(
     State(state): State<AppState>,
     request: CommandRequest<CreateFeature>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
-    let feature_id = body.feature_id.unwrap_or_else(Uuid::new_v4);
+    let feature_id = Uuid::new_v4();
     let workspace_id = ctx.caller.claims.workspace_id.clone().unwrap_or_default();
     let effect = Effect::Creates(feature_id.to_string());
     feature(&state, ctx, feature_id, effect, |actor| {
@@ -48,7 +48,7 @@ pub(crate) async fn create_feature(
 
 /// Attach a session of the same workspace to the feature.
 #[utoipa::path(post, path = "/features/{feature_id}/sessions", tag = "features",
-    params(("feature_id" = Uuid, Path)), request_body = AttachSession,
+    params(("feature_id" = Uuid, Path, description = "The feature's id"), CommandHeaders), request_body = AttachSession,
     responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn attach_session(
     State(state): State<AppState>,
@@ -68,7 +68,7 @@ pub(crate) async fn attach_session(
 
 /// Share something learned with every session of the feature.
 #[utoipa::path(post, path = "/features/{feature_id}/learnings", tag = "features",
-    params(("feature_id" = Uuid, Path)), request_body = ShareLearning,
+    params(("feature_id" = Uuid, Path, description = "The feature's id"), CommandHeaders), request_body = ShareLearning,
     responses(Created), security(("bearer" = [])))]
 pub(crate) async fn share_learning(
     State(state): State<AppState>,
@@ -76,7 +76,7 @@ pub(crate) async fn share_learning(
     request: CommandRequest<ShareLearning>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
-    let learning_id = body.learning_id.unwrap_or_else(Uuid::new_v4);
+    let learning_id = Uuid::new_v4();
     let effect = Effect::Creates(learning_id.to_string());
     feature(&state, ctx, feature_id, effect, |actor| {
         FeatureCommand::ShareLearning {
@@ -91,7 +91,7 @@ pub(crate) async fn share_learning(
 
 /// Record a decision taken for the feature.
 #[utoipa::path(post, path = "/features/{feature_id}/decisions", tag = "features",
-    params(("feature_id" = Uuid, Path)), request_body = RecordDecision,
+    params(("feature_id" = Uuid, Path, description = "The feature's id"), CommandHeaders), request_body = RecordDecision,
     responses(Created), security(("bearer" = [])))]
 pub(crate) async fn record_decision(
     State(state): State<AppState>,
@@ -99,7 +99,7 @@ pub(crate) async fn record_decision(
     request: CommandRequest<RecordDecision>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
-    let decision_id = body.decision_id.unwrap_or_else(Uuid::new_v4);
+    let decision_id = Uuid::new_v4();
     let effect = Effect::Creates(decision_id.to_string());
     feature(&state, ctx, feature_id, effect, |actor| {
         FeatureCommand::RecordDecision {
@@ -114,7 +114,7 @@ pub(crate) async fn record_decision(
 
 /// Complete the feature (owners and admins); it accepts nothing afterwards.
 #[utoipa::path(post, path = "/features/{feature_id}/complete", tag = "features",
-    params(("feature_id" = Uuid, Path)), request_body(content = Option<Empty>),
+    params(("feature_id" = Uuid, Path, description = "The feature's id"), CommandHeaders), request_body(content = Option<Empty>),
     responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn complete_feature(
     State(state): State<AppState>,

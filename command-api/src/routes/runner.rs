@@ -7,24 +7,25 @@ use canopy_domain::SessionCommand;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::budgets;
 use crate::commands::{Effect, Ids};
 use crate::dto::{
     AgentMessage, BranchPushed, CheckpointRestored, CheckpointTaken, CompletePrompt, Empty,
     Failure, ProposePlan, RequestToolApproval, SandboxStarted, SandboxStopped, ToolExecuted, Usage,
 };
 use crate::error::ApiError;
-use crate::extract::CommandRequest;
+use crate::extract::{CommandRequest, RunnerHeaders, RunnerRequest};
 use crate::routes::sessions::session;
 use crate::routes::{Changed, Created};
 
 /// The runner started the prompt at the head of the queue.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/prompts/{prompt_id}/start", tag = "runner",
-    params(("session_id" = Uuid, Path), ("prompt_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), ("prompt_id" = Uuid, Path, description = "The prompt's id"), RunnerHeaders),
     request_body(content = Option<Empty>), responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn prompt_started(
     State(state): State<AppState>,
     Ids((session_id, prompt_id)): Ids<(Uuid, Uuid)>,
-    request: CommandRequest<Empty>,
+    request: RunnerRequest<Empty>,
 ) -> Result<Response, ApiError> {
     session(&state, request.ctx, session_id, Effect::Changes, |actor| {
         SessionCommand::StartPrompt { actor, prompt_id }
@@ -34,12 +35,12 @@ pub(crate) async fn prompt_started(
 
 /// The running prompt finished.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/prompts/{prompt_id}/complete", tag = "runner",
-    params(("session_id" = Uuid, Path), ("prompt_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
-    request_body = CompletePrompt, responses(Changed), security(("bearer" = [])))]
+    params(("session_id" = Uuid, Path, description = "The session's id"), ("prompt_id" = Uuid, Path, description = "The prompt's id"), RunnerHeaders),
+    request_body(content = Option<CompletePrompt>), responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn prompt_completed(
     State(state): State<AppState>,
     Ids((session_id, prompt_id)): Ids<(Uuid, Uuid)>,
-    request: CommandRequest<CompletePrompt>,
+    request: RunnerRequest<CompletePrompt>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -54,12 +55,12 @@ pub(crate) async fn prompt_completed(
 
 /// The running prompt failed.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/prompts/{prompt_id}/fail", tag = "runner",
-    params(("session_id" = Uuid, Path), ("prompt_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), ("prompt_id" = Uuid, Path, description = "The prompt's id"), RunnerHeaders),
     request_body = Failure, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn prompt_failed(
     State(state): State<AppState>,
     Ids((session_id, prompt_id)): Ids<(Uuid, Uuid)>,
-    request: CommandRequest<Failure>,
+    request: RunnerRequest<Failure>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -74,12 +75,12 @@ pub(crate) async fn prompt_failed(
 
 /// The agent proposed a plan for the running prompt.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/plans", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = ProposePlan, responses(Created), security(("bearer" = [])))]
 pub(crate) async fn plan_proposed(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<ProposePlan>,
+    request: RunnerRequest<ProposePlan>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     let plan_id = body.plan_id.unwrap_or_else(Uuid::new_v4);
@@ -98,12 +99,12 @@ pub(crate) async fn plan_proposed(
 
 /// The agent asked permission for a tool call.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/tool-approvals", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = RequestToolApproval, responses(Created), security(("bearer" = [])))]
 pub(crate) async fn tool_approval_requested(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<RequestToolApproval>,
+    request: RunnerRequest<RequestToolApproval>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     let request_id = body.request_id.unwrap_or_else(Uuid::new_v4);
@@ -123,12 +124,12 @@ pub(crate) async fn tool_approval_requested(
 
 /// The agent ran a tool.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/tool-executions", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = ToolExecuted, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn tool_executed(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<ToolExecuted>,
+    request: RunnerRequest<ToolExecuted>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -149,12 +150,12 @@ pub(crate) async fn tool_executed(
 
 /// The agent said something.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/messages", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = AgentMessage, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn agent_message(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<AgentMessage>,
+    request: RunnerRequest<AgentMessage>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -168,36 +169,46 @@ pub(crate) async fn agent_message(
     .await
 }
 
-/// Tokens and cost the running prompt used.
+/// Tokens and cost the running prompt used. The budget ledger counts them in the same
+/// transaction; a budget this reaches 80% of is then recorded as `BudgetThresholdReached`.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/usage", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = Usage, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<Usage>,
+    request: RunnerRequest<Usage>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
-    session(&state, ctx, session_id, Effect::Changes, |actor| {
+    let actor = ctx.caller.actor();
+    let mut metadata = ctx.metadata.clone();
+    metadata.idempotency_key = None;
+    let prompt_id = body.prompt_id;
+    let answer = session(&state, ctx, session_id, Effect::Changes, |actor| {
         SessionCommand::RecordUsage {
             actor,
-            prompt_id: body.prompt_id,
+            prompt_id,
             tokens_in: body.tokens_in,
             tokens_out: body.tokens_out,
             cost_micro_usd: body.cost_micro_usd,
         }
     })
-    .await
+    .await?;
+    // a replayed answer recorded nothing new, so nothing new can have crossed a threshold
+    if answer.status().is_success() && !answer.headers().contains_key("idempotent-replayed") {
+        budgets::warn_after_usage(&state, actor, &metadata, session_id, prompt_id).await;
+    }
+    Ok(answer)
 }
 
 /// A checkpoint of the workspace was taken.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/checkpoints", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = CheckpointTaken, responses(Created), security(("bearer" = [])))]
 pub(crate) async fn checkpoint_taken(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<CheckpointTaken>,
+    request: RunnerRequest<CheckpointTaken>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     let checkpoint_id = body.checkpoint_id.unwrap_or_else(Uuid::new_v4);
@@ -218,12 +229,12 @@ pub(crate) async fn checkpoint_taken(
 
 /// A checkpoint was restored into the workspace.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/restores", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = CheckpointRestored, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn checkpoint_restored(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<CheckpointRestored>,
+    request: RunnerRequest<CheckpointRestored>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -237,12 +248,12 @@ pub(crate) async fn checkpoint_restored(
 
 /// The session branch was pushed.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/pushes", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = BranchPushed, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn branch_pushed(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<BranchPushed>,
+    request: RunnerRequest<BranchPushed>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -257,12 +268,12 @@ pub(crate) async fn branch_pushed(
 
 /// The session's sandbox started, with OpenCode inside it.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/sandbox/started", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = SandboxStarted, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn sandbox_started(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<SandboxStarted>,
+    request: RunnerRequest<SandboxStarted>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -277,12 +288,12 @@ pub(crate) async fn sandbox_started(
 
 /// The session's sandbox stopped.
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/sandbox/stopped", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = SandboxStopped, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn sandbox_stopped(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<SandboxStopped>,
+    request: RunnerRequest<SandboxStopped>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {
@@ -297,12 +308,12 @@ pub(crate) async fn sandbox_stopped(
 
 /// The session failed (its running and queued prompts fail with it).
 #[utoipa::path(post, path = "/runner/sessions/{session_id}/fail", tag = "runner",
-    params(("session_id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), RunnerHeaders),
     request_body = Failure, responses(Changed), security(("bearer" = [])))]
 pub(crate) async fn session_failed(
     State(state): State<AppState>,
     Ids(session_id): Ids<Uuid>,
-    request: CommandRequest<Failure>,
+    request: RunnerRequest<Failure>,
 ) -> Result<Response, ApiError> {
     let CommandRequest { ctx, body } = request;
     session(&state, ctx, session_id, Effect::Changes, |actor| {

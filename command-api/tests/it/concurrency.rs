@@ -60,25 +60,22 @@ async fn the_same_load_over_two_processes_gives_only_201_and_409_and_no_duplicat
     for i in 0..50 {
         let app = apps[i % 2].clone();
         let owner = owner.clone();
-        let prompt_id = Uuid::new_v4();
         tasks.push(tokio::spawn(async move {
-            let answer = app
-                .post(
-                    &owner,
-                    &format!("/sessions/{session}/prompts"),
-                    json!({"prompt_id": prompt_id, "text": format!("p{i}")}),
-                )
-                .await;
-            (prompt_id, answer)
+            app.post(
+                &owner,
+                &format!("/sessions/{session}/prompts"),
+                json!({"text": format!("p{i}")}),
+            )
+            .await
         }));
     }
     let mut accepted = HashSet::new();
     let mut conflicts = 0;
     for task in tasks {
-        let (prompt_id, answer) = task.await.unwrap();
+        let answer = task.await.unwrap();
         match answer.status.as_u16() {
             201 => {
-                accepted.insert(prompt_id);
+                accepted.insert(answer.id());
             }
             409 => {
                 assert_eq!(answer.code(), "concurrency_conflict");

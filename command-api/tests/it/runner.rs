@@ -160,3 +160,47 @@ async fn build_phase_tools_need_an_approved_plan_and_plan_phase_tools_must_be_re
     assert_eq!(app.event_count().await, before);
     app.runner(&path, tool("plan", "grep")).await.expect(202);
 }
+
+/// JSON Schema's `integer` (what the document says of these fields) is any number without a
+/// fraction: `1000.0` is the integer 1000. A fraction, a negative number or text is still 422,
+/// naming the field, and writes nothing.
+#[tokio::test]
+async fn whole_numbers_written_with_a_zero_fraction_are_integers_and_fractions_are_refused() {
+    let app = TestApp::start().await;
+    let (session, prompt, _) = app.with_open_tool_request().await;
+    let usage = format!("/runner/sessions/{session}/usage");
+    app.runner(
+        &usage,
+        json!({"prompt_id": prompt, "tokens_in": 1000.0, "tokens_out": 2e2, "cost_micro_usd": 4500}),
+    )
+    .await
+    .expect(202);
+    let before = app.event_count().await;
+    for (field, value) in [
+        ("tokens_in", json!(1.5)),
+        ("tokens_out", json!(-1)),
+        ("cost_micro_usd", json!(1.8446744073709552e19)),
+        ("tokens_in", json!("10")),
+    ] {
+        let mut body =
+            json!({"prompt_id": prompt, "tokens_in": 1, "tokens_out": 1, "cost_micro_usd": 1});
+        body[field] = value.clone();
+        let answer = app
+            .runner(&usage, body)
+            .await
+            .problem(422, "validation_failed");
+        assert_eq!(
+            answer.body["errors"][0]["field"], field,
+            "{field} = {value}: {:?}",
+            answer.body
+        );
+    }
+    app.runner(
+        &format!("/runner/sessions/{session}/tool-executions"),
+        json!({"prompt_id": prompt, "call_id": "call_9", "tool": "read", "phase": "build",
+               "input_summary": "", "output_summary": "", "status": "completed", "duration_ms": 12.5}),
+    )
+    .await
+    .problem(422, "validation_failed");
+    assert_eq!(app.event_count().await, before, "a refusal writes nothing");
+}

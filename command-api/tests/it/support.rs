@@ -77,14 +77,34 @@ impl TestApp {
         Self::on(db, configure).await
     }
 
+    /// A command-api whose database connections go through a [`CommitCutter`].
+    pub(crate) async fn start_through_commit_cutter(
+        configure: impl FnOnce(&mut Config),
+    ) -> (Self, CommitCutter) {
+        let db = Arc::new(canopy_testkit::database().await.unwrap());
+        let cutter = CommitCutter::start(&db.url).await;
+        let url = cutter.url(&db.url);
+        let app = Self::on(db, |config| {
+            config.database = canopy_config::DatabaseArgs::new(url);
+            configure(config);
+        })
+        .await;
+        (app, cutter)
+    }
+
     /// Another command-api process over the same database.
     pub(crate) async fn another_process(&self) -> Self {
         Self::on(self.db.clone(), |_| {}).await
     }
 
+    /// Another command-api process over the same database, configured by `configure`.
+    pub(crate) async fn another_process_with(&self, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::on(self.db.clone(), configure).await
+    }
+
     async fn on(db: Arc<TestDb>, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::for_database(db.url.clone());
-        config.jwt_secret = SECRET.to_owned();
+        config.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
         config.rate_limit_per_second = 1000;
         config.rate_limit_burst = 1000;
         config.db_max_connections = 8;
@@ -262,7 +282,7 @@ impl Drop for TestApp {
     }
 }
 
-async fn answer(response: reqwest::Response) -> Answer {
+pub(crate) async fn answer(response: reqwest::Response) -> Answer {
     let status = response.status();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap();
@@ -296,4 +316,111 @@ pub(crate) fn runner() -> String {
         &Claims::runner("agent-runner", chrono::Duration::hours(1)),
     )
     .unwrap()
+}
+
+/// A TCP proxy in front of Postgres that, once armed, cuts the connection carrying the next
+/// transaction's `COMMIT` acknowledgement: the database has committed, the app never hears so
+/// (as when the network or the server's process fails right after a commit).
+pub(crate) struct CommitCutter {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CommitCutter {
+    /// The `CommandComplete` message of a `COMMIT` in the wire protocol.
+    const COMMIT_COMPLETE: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
+
+    /// Proxies to the Postgres of `database_url` (a TCP address).
+    pub(crate) async fn start(database_url: &str) -> Self {
+        let url = reqwest::Url::parse(database_url).unwrap();
+        let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cuts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accept = tokio::spawn({
+            let (armed, cuts) = (armed.clone(), cuts.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    tokio::spawn(Self::pipe(client, server, armed.clone(), cuts.clone()));
+                }
+            }
+        });
+        Self {
+            addr,
+            armed,
+            cuts,
+            accept,
+        }
+    }
+
+    /// `database_url` with the proxy in place of the server (and no TLS, so COMMIT is visible).
+    pub(crate) fn url(&self, database_url: &str) -> String {
+        let mut url = reqwest::Url::parse(database_url).unwrap();
+        url.set_host(Some(&self.addr.ip().to_string())).unwrap();
+        url.set_port(Some(self.addr.port())).unwrap();
+        url.query_pairs_mut().append_pair("sslmode", "disable");
+        url.to_string()
+    }
+
+    /// Cuts the connection of the next COMMIT acknowledgement, once.
+    pub(crate) fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        cuts: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let upstream = tokio::io::copy(&mut client_read, &mut server_write);
+        let downstream = async {
+            let mut buffer = vec![0u8; 64 * 1024];
+            // the end of the previous read, so a message split across reads is still seen
+            let mut tail: Vec<u8> = Vec::new();
+            loop {
+                let read = match server_read.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => read,
+                };
+                let chunk = &buffer[..read];
+                tail.extend_from_slice(chunk);
+                let seen = tail
+                    .windows(Self::COMMIT_COMPLETE.len())
+                    .any(|w| w == Self::COMMIT_COMPLETE);
+                if seen && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return; // both sockets close: the acknowledgement is lost
+                }
+                let keep = tail.len().min(Self::COMMIT_COMPLETE.len() - 1);
+                tail.drain(..tail.len() - keep);
+                if client_write.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = upstream => {}
+            () = downstream => {}
+        }
+    }
+}
+
+impl Drop for CommitCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }

@@ -38,14 +38,14 @@ pub struct DemoArgs {
     )]
     pub query_api: String,
     /// HS256 secret shared with the APIs (the demo mints its people's tokens).
-    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub secret: canopy_config::JwtSecretArgs,
     /// Where the demo's repository and remote are made.
     #[arg(long, default_value = ".canopy/demo")]
     pub dir: PathBuf,
-    /// The longest wait for one step, in seconds.
-    #[arg(long, default_value_t = 180)]
-    pub step_seconds: u64,
+    /// The longest wait for one step (250ms, 30s, 5m, 2h, 1d; a bare number is seconds).
+    #[arg(long, value_parser = canopy_config::parse_duration, default_value = "3m")]
+    pub step_timeout: Duration,
 }
 
 const WORKSPACE: &str = "demo-workspace";
@@ -80,7 +80,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<String> {
         "repository:   {} (bare: the session clones it, and its branch is pushed back to it)",
         remote.display()
     ))?;
-    let secret = args.secret.clone();
+    let secret = args.secret.jwt_secret.clone();
     let ann = Person::new("ann", "Ann (member)", Role::Member, &secret)?;
     let bo = Person::new("bo", "Bo (member)", Role::Member, &secret)?;
     let vic = Person::new("vic", "Vic (viewer)", Role::Viewer, &secret)?;
@@ -226,7 +226,7 @@ impl Demo {
 
     /// Waits for the next event of `event_type` on the stream (the printer shows them all).
     async fn wait_for(&mut self, event_type: &str) -> Result<Value> {
-        let wait = Duration::from_secs(self.args.step_seconds);
+        let wait = self.args.step_timeout;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let event = tokio::time::timeout_at(deadline, self.events.recv())

@@ -2,9 +2,12 @@
 //!
 //! Built so far: `migrate`, `token` (a dev JWT for any role), `up` (the whole stack), `relay`
 //! (run the relay, or republish), `rebuild` (a projection from the event store), `parked`
-//! (list or retry events a projection parked) and `demo` (a whole session against the running
-//! stack, printed live). Later items add `audit` and `bench`.
+//! (list or retry events a projection parked), `demo` (a whole session against the running
+//! stack, printed live), `audit` (export, offline verify, erase) and `bench` (the write and read
+//! paths against their ceilings, one table and a JSON under `bench/results/`).
 
+pub mod audit;
+mod bench;
 mod demo;
 mod ops;
 mod up;
@@ -40,6 +43,15 @@ pub enum Command {
     Parked(ops::ParkedArgs),
     /// Drive a whole session against the running stack (`canopy up`), printing it live.
     Demo(demo::DemoArgs),
+    /// Auditors: export events with their hash chain, verify an export offline, erase a
+    /// person's data.
+    Audit(audit::AuditArgs),
+    /// Measure the write and read paths against the database's and JetStream's ceilings in
+    /// one run; print a table and write JSON under bench/results/.
+    Bench(Box<bench::BenchArgs>),
+    /// One bench row's load, run by `canopy bench` in its own process.
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,41 +62,33 @@ pub struct UpArgs {
     /// Port of the embedded PostgreSQL.
     #[arg(long, env = "CANOPY_EMBEDDED_PG_PORT", default_value_t = 54329)]
     pub embedded_pg_port: u16,
-    /// NATS server with JetStream (falls back to NATS_URL; embedded when neither is set).
-    #[arg(long, env = "CANOPY_NATS_URL")]
-    pub nats_url: Option<String>,
+    /// NATS with JetStream (embedded when neither CANOPY_NATS_URL nor NATS_URL is set).
+    #[command(flatten)]
+    pub nats: canopy_config::NatsArgs,
     /// Port of the embedded nats-server.
     #[arg(long, env = "CANOPY_EMBEDDED_NATS_PORT", default_value_t = 42229)]
     pub embedded_nats_port: u16,
-    /// Address query-api listens on.
-    #[arg(long, env = "CANOPY_QUERY_API_ADDR", default_value = "127.0.0.1:8081")]
-    pub query_listen: std::net::SocketAddr,
+    /// Run the stack without the agent runner (prompts queue up; load tests, or a machine
+    /// without sandboxes).
+    #[arg(long, env = "CANOPY_UP_WITHOUT_RUNNER")]
+    pub without_runner: bool,
     #[command(flatten)]
     pub command_api: canopy_command_api::Config,
     #[command(flatten)]
     pub projectors: canopy_projectors::ProjectorsConfig,
+    /// The relay's stream (its name and subjects are the projectors').
+    #[command(flatten)]
+    pub replicas: canopy_config::StreamReplicasArgs,
+    // the groups with their own help heading come last: a heading holds for what follows
+    #[command(flatten)]
+    pub query_api: canopy_query_api::Settings,
+    #[command(flatten)]
+    pub webhooks: canopy_webhooks::DeliverySettings,
     #[command(flatten)]
     pub runner: canopy_agent_runner::Config,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct DatabaseArgs {
-    /// Postgres URL; falls back to DATABASE_URL.
-    #[arg(long, env = "CANOPY_DATABASE_URL")]
-    pub database_url: Option<String>,
-}
-
-impl DatabaseArgs {
-    pub(crate) fn url(&self) -> Result<String> {
-        self.database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
-            .filter(|url| !url.is_empty())
-            .context(
-                "no database: set CANOPY_DATABASE_URL (or DATABASE_URL) or pass --database-url",
-            )
-    }
-}
+pub use canopy_config::DatabaseArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct TokenArgs {
@@ -101,12 +105,12 @@ pub struct TokenArgs {
     /// Workspace (ignored for the runner).
     #[arg(long, default_value = "dev-workspace")]
     pub workspace: String,
-    /// Lifetime in hours.
-    #[arg(long, default_value_t = 24)]
-    pub ttl_hours: i64,
+    /// Lifetime (250ms, 30s, 5m, 2h, 1d; a bare number is seconds).
+    #[arg(long, value_parser = canopy_config::parse_duration, default_value = "24h")]
+    pub ttl: std::time::Duration,
     /// HS256 secret shared with the APIs.
-    #[arg(long, env = "CANOPY_JWT_SECRET", default_value = canopy_auth::DEV_SECRET, hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub secret: canopy_config::JwtSecretArgs,
 }
 
 /// Roles as the command line spells them.
@@ -181,16 +185,23 @@ pub async fn execute(command: Command) -> Result<String> {
         Command::Rebuild(args) => ops::rebuild(args).await,
         Command::Parked(args) => ops::parked(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Audit(args) => audit::run(args).await,
+        Command::Bench(args) => bench::run(*args).await,
+        Command::BenchClient(args) => bench::run_client(&args.job).await,
     }
 }
 
 pub(crate) fn mint(args: &TokenArgs) -> Result<String> {
-    let ttl = chrono::Duration::hours(args.ttl_hours);
+    let ttl = chrono::Duration::from_std(args.ttl).context("a token lifetime that long")?;
     let role = Role::from(args.role);
     let mut claims = match role {
         Role::Runner => Claims::runner(&args.user, ttl),
         _ => Claims::user(&args.user, &args.name, &args.workspace, role, ttl),
     };
     claims.email.clone_from(&args.email);
-    canopy_auth::mint_hs256(&args.secret, &claims).context("mint the token")
+    let secret = match role {
+        Role::Runner => args.secret.runner_secret(),
+        _ => &args.secret.jwt_secret,
+    };
+    canopy_auth::mint_hs256(secret, &claims).context("mint the token")
 }

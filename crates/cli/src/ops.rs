@@ -9,21 +9,28 @@ use crate::DatabaseArgs;
 
 /// Where the event stream lives.
 #[derive(Debug, Clone, clap::Args)]
-pub struct StreamArgs {
-    /// NATS server with JetStream.
-    #[arg(long, env = "CANOPY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// The events stream.
-    #[arg(long, env = "CANOPY_STREAM_NAME", default_value = "CANOPY_EVENTS")]
-    pub stream_name: String,
-    /// The events' subject prefix.
-    #[arg(long, env = "CANOPY_SUBJECT_PREFIX", default_value = "canopy.events")]
-    pub subject_prefix: String,
+pub struct RelayStreamArgs {
+    #[command(flatten)]
+    pub nats: canopy_config::NatsArgs,
+    #[command(flatten)]
+    pub stream: canopy_config::StreamArgs,
+    #[command(flatten)]
+    pub replicas: canopy_config::StreamReplicasArgs,
 }
 
-impl StreamArgs {
+impl RelayStreamArgs {
     pub(crate) fn relay_config(&self) -> RelayConfig {
-        RelayConfig::with_stream(&self.stream_name, &self.subject_prefix)
+        let mut config =
+            RelayConfig::with_stream(&self.stream.stream_name, self.stream.subject_prefix());
+        config.stream_replicas = self.replicas.stream_replicas;
+        config
+    }
+
+    pub(crate) async fn connect(&self) -> Result<async_nats::Client> {
+        Ok(self
+            .nats
+            .connect("canopy-relay", std::time::Duration::from_secs(30))
+            .await?)
     }
 }
 
@@ -32,7 +39,7 @@ pub struct RelayArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
-    pub stream: StreamArgs,
+    pub stream: RelayStreamArgs,
     #[command(subcommand)]
     pub command: Option<RelayCommand>,
 }
@@ -69,12 +76,13 @@ pub struct ParkedArgs {
     pub database: DatabaseArgs,
     /// sessions, timeline or features.
     pub projection: String,
-    /// Apply the open parked events again, in order, after fixing their cause.
+    /// Apply the open parked events again now, in order, with the events waiting behind them
+    /// (the projectors also retry them on their own, with backoff).
     #[arg(long)]
     pub retry: bool,
 }
 
-async fn pool(database: &DatabaseArgs) -> Result<PgPool> {
+pub(crate) async fn pool(database: &DatabaseArgs) -> Result<PgPool> {
     let pool = canopy_event_store::connect(&DbConfig::new(database.url()?))
         .await
         .context("connect to the database")?;
@@ -96,14 +104,12 @@ fn projections(name: &str) -> Result<Vec<Projection>> {
 /// `canopy relay`: runs until SIGTERM or Ctrl+C.
 pub(crate) async fn run_relay(args: RelayArgs) -> Result<()> {
     let pool = pool(&args.database).await?;
-    let client = async_nats::connect(&args.stream.nats_url)
-        .await
-        .context("connect to NATS")?;
+    let client = args.stream.connect().await?;
     canopy_relay::run(
         args.stream.relay_config(),
         pool,
         client,
-        crate::up::shutdown_signal(),
+        canopy_process::shutdown_signal(),
     )
     .await
     .context("run the relay")
@@ -114,9 +120,7 @@ pub(crate) async fn relay_command(args: RelayArgs) -> Result<String> {
     let config = args.stream.relay_config();
     match args.command {
         Some(RelayCommand::Republish { from }) => {
-            let client = async_nats::connect(&args.stream.nats_url)
-                .await
-                .context("connect to NATS")?;
+            let client = args.stream.connect().await?;
             let report = canopy_relay::republish(&pool, &client, &config, from)
                 .await
                 .context("republish")?;
@@ -173,15 +177,37 @@ pub(crate) async fn parked(args: ParkedArgs) -> Result<String> {
     let projection = Projection::from_name(&args.projection)
         .with_context(|| format!("no projection {:?}", args.projection))?;
     if args.retry {
-        let report = canopy_projectors::parked::retry(&pool, projection).await?;
+        let report = canopy_projectors::parked::retry(
+            &pool,
+            projection,
+            canopy_projectors::parked::Due::All,
+            std::time::Duration::from_secs(300),
+        )
+        .await?;
         return Ok(format!(
-            "resolved {}, still parked {}",
-            report.resolved, report.still_parked
+            "resolved {}, still parked {}, caught up {} later events",
+            report.resolved, report.still_parked, report.caught_up
         ));
     }
-    let rows: Vec<(uuid::Uuid, String, String, i64, String, String)> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, error FROM read.parked_events
-          WHERE projection = $1 AND resolved_at IS NULL ORDER BY parked_at",
+    type Row = (
+        uuid::Uuid,
+        String,
+        String,
+        i64,
+        String,
+        String,
+        i32,
+        f64,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.event_id, p.aggregate_type, p.aggregate_id, p.sequence, p.event_type, p.error,
+                p.attempts, greatest(extract(epoch FROM p.next_attempt_at - now()), 0)::float8,
+                (SELECT count(*) FROM public.events e
+                  WHERE e.aggregate_type = p.aggregate_type AND e.aggregate_id = p.aggregate_id
+                    AND e.sequence > p.sequence)
+           FROM read.parked_events p
+          WHERE p.projection = $1 AND p.resolved_at IS NULL ORDER BY p.parked_at",
     )
     .bind(projection.name())
     .fetch_all(&pool)
@@ -191,9 +217,14 @@ pub(crate) async fn parked(args: ParkedArgs) -> Result<String> {
     }
     Ok(rows
         .into_iter()
-        .map(|(id, kind, aggregate, sequence, event_type, error)| {
-            format!("{id} {kind}/{aggregate} #{sequence} {event_type}: {error}")
-        })
+        .map(
+            |(id, kind, aggregate, sequence, event_type, error, attempts, next, waiting)| {
+                format!(
+                    "{id} {kind}/{aggregate} #{sequence} {event_type}: {error} \
+                     ({attempts} retries failed, next in {next:.0} s, {waiting} later events wait)"
+                )
+            },
+        )
         .collect::<Vec<_>>()
         .join("\n"))
 }

@@ -3,8 +3,9 @@
 //! Uses the configured database and NATS when there are; otherwise starts an embedded
 //! PostgreSQL and nats-server (the installed binaries, data in the project's data folder,
 //! surviving restarts) that stop when this process does. Then runs command-api (which applies
-//! the migrations), the relay, the projectors, query-api (with live streams) and the agent runner
-//! (with the built-in demo model unless a model is configured) in this one process, and prints
+//! the migrations), the relay, the projectors, query-api (with live streams), the webhook
+//! delivery and the agent runner (with the built-in demo model unless a model is configured) in
+//! this one process, and prints
 //! what a developer needs: the URLs and a dev token per role.
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use crate::{RoleArg, TokenArgs, UpArgs, mint, say};
 
 pub(crate) async fn run(args: UpArgs) -> Result<()> {
     let mut config = args.command_api;
-    let database_url = match configured(config.database_url.clone(), "DATABASE_URL") {
+    let database_url = match config.database.url_if_set() {
         Some(url) => url,
         None => {
             let dir = std::path::absolute(args.data_dir.join("postgres"))?;
@@ -38,7 +39,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             server.url
         }
     };
-    let nats_url = match configured(args.nats_url.clone(), "NATS_URL") {
+    let nats_url = match args.nats.url_if_set() {
         Some(url) => url,
         None => {
             let dir = std::path::absolute(args.data_dir.join("nats"))?;
@@ -57,18 +58,30 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     canopy_event_store::migrate(&pool)
         .await
         .context("apply migrations")?;
-    let nats = connect_nats(&nats_url).await?;
+    let nats = canopy_config::connect_nats(&nats_url, "canopy-up", Duration::from_secs(30)).await?;
 
-    config.database_url = Some(database_url.clone());
-    let secret = config.jwt_secret.clone();
-    let mut query_config = canopy_query_api::Config::for_database(&database_url);
-    query_config.listen = args.query_listen;
-    query_config.jwt_secret = secret.clone();
-    query_config.jwt_rs256_public_key_file = config.jwt_rs256_public_key_file.clone();
-    query_config.cors_origins = config.cors_origins.clone();
-    // Live streams follow the same events the relay publishes.
-    query_config.nats_url = Some(nats_url.clone());
-    query_config.subject_prefix = args.projectors.subject_prefix.clone();
+    config.database = canopy_config::DatabaseArgs::new(&database_url);
+    // A development stack on loopback delivers webhooks to local receivers too, unless told
+    // otherwise (private and link-local targets stay refused).
+    let local_webhooks = std::env::var_os("CANOPY_WEBHOOKS_ALLOW_INSECURE").is_none()
+        && config.listen.ip().is_loopback();
+    if local_webhooks {
+        config.webhook_targets.webhooks_allow_insecure = true;
+    }
+    let webhook_policy = canopy_webhook::TargetPolicy {
+        allow_insecure: config.webhook_targets.webhooks_allow_insecure,
+    };
+    let secret = config.tokens.secret.clone();
+    // query-api shares the database, the tokens' keys and the CORS origins with command-api, and
+    // its live streams follow the events the relay publishes.
+    let query_config = canopy_query_api::Config {
+        database: config.database.clone(),
+        tokens: config.tokens.clone(),
+        cors: config.cors.clone(),
+        nats: canopy_config::NatsArgs::new(&nats_url),
+        subjects: args.projectors.stream.subjects.clone(),
+        settings: args.query_api,
+    };
     let app = canopy_command_api::build(config)
         .await
         .context("start command-api")?;
@@ -77,22 +90,36 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         .await
         .context("start query-api")?;
     let query_addr = query.local_addr();
-    let relay = canopy_relay::Relay::new(
-        canopy_relay::RelayConfig::with_stream(
-            &args.projectors.stream_name,
-            &args.projectors.subject_prefix,
-        ),
-        pool.clone(),
-        nats.clone(),
+    let mut relay_config = canopy_relay::RelayConfig::with_stream(
+        &args.projectors.stream.stream_name,
+        args.projectors.stream.subject_prefix(),
     );
+    relay_config.stream_replicas = args.replicas.stream_replicas;
+    let relay = canopy_relay::Relay::new(relay_config, pool.clone(), nats.clone());
     let connections = canopy_agent_runner::Connections {
         database_url: database_url.clone(),
         nats_url: nats_url.clone(),
-        stream_name: args.projectors.stream_name.clone(),
-        subject_prefix: args.projectors.subject_prefix.clone(),
+        stream_name: args.projectors.stream.stream_name.clone(),
+        subject_prefix: args.projectors.stream.subject_prefix().to_owned(),
         command_api_url: format!("http://{addr}"),
-        runner_token: canopy_agent_runner::mint_runner_token(&secret)?,
+        runner_token: canopy_agent_runner::mint_runner_token(secret.runner_secret())?,
     };
+    // links in deliveries point at this stack's own APIs unless configured
+    let mut webhook_settings = args.webhooks;
+    if std::env::var_os("CANOPY_WEBHOOKS_QUERY_API_URL").is_none() {
+        webhook_settings.query_api_url = format!("http://{query_addr}");
+    }
+    if std::env::var_os("CANOPY_WEBHOOKS_COMMAND_API_URL").is_none() {
+        webhook_settings.command_api_url = format!("http://{addr}");
+    }
+    let webhooks = canopy_webhooks::Webhooks::new(
+        pool.clone(),
+        nats.clone(),
+        args.projectors.stream.clone(),
+        webhook_settings,
+        webhook_policy,
+        std::sync::Arc::new(canopy_webhook::SystemResolver),
+    );
     let projectors = canopy_projectors::Projectors::new(args.projectors, pool.clone(), nats);
     let mut runner_config = args.runner;
     // A development stack clones local repositories too, unless told otherwise.
@@ -115,19 +142,20 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         }
         runner_config.sandbox_root = Some(root);
     }
-    // Sandboxes need root: a normal user gets the rest of the stack and a clear word why agents
-    // do not run; for root a runner that cannot start stops everything.
-    let runner = match canopy_agent_runner::build(runner_config, connections).await {
-        Ok(runner) => Some(runner),
-        Err(error) if !canopy_local_servers::is_root() => {
-            tracing::warn!(error = format!("{error:#}"), "agent runner off");
-            None
-        }
-        Err(error) => {
-            return Err(error).context(
-                "start the agent runner (its sandboxes need root, bwrap, socat and setpriv)",
-            );
-        }
+    // A runner that cannot start stops everything: as root its sandboxes get a uid each, as a
+    // normal user they run rootless (crates/sandbox/src/mode.rs); either way it says why.
+    let runner = if args.without_runner {
+        None
+    } else {
+        Some(
+            canopy_agent_runner::build(runner_config, connections)
+                .await
+                .context(
+                    "start the agent runner (its sandboxes need bwrap, socat, util-linux's \
+                     setpriv and prlimit, and user namespaces; `canopy up --without-runner` \
+                     starts the rest of the stack)",
+                )?,
+        )
     };
 
     say(&format!("database:     {database_url}"))?;
@@ -137,6 +165,11 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     say(&format!("  openapi:    http://{addr}/openapi.json"))?;
     say(&format!("query-api:    http://{query_addr}"))?;
     say(&format!("  docs:       http://{query_addr}/docs/"))?;
+    if local_webhooks {
+        say(
+            "webhooks:     https and loopback http targets (CANOPY_WEBHOOKS_ALLOW_INSECURE=false refuses loopback)",
+        )?;
+    }
     match &runner {
         Some(runner) => {
             say(&format!(
@@ -149,9 +182,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
                 )?;
             }
         }
-        None => say(
-            "agent runner: off (sandboxes need root: run canopy up as root for agents to work)",
-        )?,
+        None => say("agent runner: off (--without-runner)")?,
     }
     say("dev tokens (24 h), workspace dev-workspace:")?;
     for role in [
@@ -169,7 +200,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
             name: format!("Dev {role:?}"),
             email: None,
             workspace: "dev-workspace".to_owned(),
-            ttl_hours: 24,
+            ttl: Duration::from_secs(24 * 3600),
             secret: secret.clone(),
         })?;
         say(&format!("  {name:<8} {token}"))?;
@@ -204,6 +235,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         "relay",
         Box::pin(async move { Ok(relay.run_until(relay_stop).await?) }),
     );
+    let webhooks_task = part("webhooks", Box::pin(webhooks.run_until(stopped(&stop))));
     let projectors_stop = stopped(&stop);
     let projectors_task = part(
         "projectors",
@@ -220,7 +252,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         )
     });
     let failed = tokio::select! {
-        _ = shutdown_signal() => None,
+        _ = canopy_process::shutdown_signal() => None,
         Some(ended) = first_ended.recv() => Some(ended),
     };
     if let Some((name, why)) = &failed {
@@ -232,7 +264,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
         results.push(task.await?);
     }
     let _ = stop.send(());
-    for task in [api, query_task, relay_task, projectors_task] {
+    for task in [api, query_task, relay_task, projectors_task, webhooks_task] {
         results.push(task.await?);
     }
     pool.close().await;
@@ -244,36 +276,4 @@ pub(crate) async fn run(args: UpArgs) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn configured(flag: Option<String>, fallback_env: &str) -> Option<String> {
-    flag.or_else(|| std::env::var(fallback_env).ok())
-        .filter(|url| !url.is_empty())
-}
-
-async fn connect_nats(url: &str) -> Result<async_nats::Client> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match async_nats::connect(url).await {
-            Ok(client) => return Ok(client),
-            Err(error) if tokio::time::Instant::now() >= deadline => {
-                return Err(error).context("connect to NATS");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl+C.
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
-    }
 }

@@ -7,166 +7,156 @@
 
 use uuid::Uuid;
 
-/// A command refused by the `Session` or `Feature` aggregate.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DomainError {
+/// What kind of refusal a [`DomainError`] is. The API chooses a status once per kind, so a new
+/// refusal gets a status by the kind its declaration names, never by a catch-all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The actor may not do this.
+    Forbidden,
+    /// What the command names does not exist (or is another workspace's).
+    NotFound,
+    /// The command itself is wrong, whatever the state.
+    Invalid,
+    /// The current state does not allow it.
+    Conflict,
+    /// A condition of the moment: the same command may pass later.
+    Busy,
+}
+
+/// Declares [`DomainError`] with each variant's stable code and [`Refusal`] kind next to it,
+/// once: `code`, `refusal` and `CODES` are generated from that one list.
+macro_rules! refusals {
+    ($(
+        $(#[$attr:meta])*
+        $variant:ident $(($($field:ty),+))? => $code:literal, $kind:ident;
+    )+) => {
+        /// A command refused by an aggregate.
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        pub enum DomainError {
+            $($(#[$attr])* $variant $(($($field),+))?,)+
+        }
+
+        impl DomainError {
+            /// Every code, in declaration order.
+            pub const CODES: &'static [&'static str] = &[$($code),+];
+
+            /// The stable snake_case code clients may match on.
+            pub const fn code(&self) -> &'static str {
+                match self {
+                    $(Self::$variant { .. } => $code,)+
+                }
+            }
+
+            /// What kind of refusal this is (the API's status follows from it).
+            pub const fn refusal(&self) -> Refusal {
+                match self {
+                    $(Self::$variant { .. } => Refusal::$kind,)+
+                }
+            }
+        }
+    };
+}
+
+refusals! {
     /// The actor's role does not allow this command, people sent a runner command or the runner
     /// sent a people command, or a member tried to cancel someone else's prompt.
     #[error("the actor is not allowed to do this")]
-    Forbidden,
+    Forbidden => "forbidden", Forbidden;
     /// The aggregate has not been started or created, or it belongs to another workspace than the
     /// person acting (another workspace's aggregates must look absent, not forbidden).
     #[error("not found")]
-    NotFound,
+    NotFound => "not_found", NotFound;
     /// `StartSession` on a session that already exists.
     #[error("the session has already been started")]
-    SessionAlreadyStarted,
+    SessionAlreadyStarted => "session_already_started", Conflict;
     /// An archived session accepts no command at all.
     #[error("the session is archived")]
-    SessionArchived,
+    SessionArchived => "session_archived", Conflict;
     /// A completed or failed session accepts only archiving, leaving and the sandbox stopping.
     #[error("the session has finished")]
-    SessionFinished,
+    SessionFinished => "session_finished", Conflict;
     /// Completing or archiving an active session while prompts are still queued or running;
     /// they must finish or be cancelled first.
     #[error("the session still has queued or running prompts")]
-    PromptsOutstanding,
+    PromptsOutstanding => "prompts_outstanding", Conflict;
     /// Leaving a session the person has not joined.
     #[error("the actor is not a participant of this session")]
-    NotAParticipant,
+    NotAParticipant => "not_a_participant", Conflict;
     /// The prompt id is not a prompt of this session.
     #[error("prompt {0} not found")]
-    PromptNotFound(Uuid),
+    PromptNotFound(Uuid) => "prompt_not_found", NotFound;
     /// The prompt has completed, failed or been cancelled and takes no more events.
     #[error("prompt {0} has already finished")]
-    PromptFinished(Uuid),
+    PromptFinished(Uuid) => "prompt_finished", Conflict;
     /// The agent reported work on, or a reviewer answered for, a prompt that is queued rather than
     /// running.
     #[error("prompt {0} is not running")]
-    PromptNotRunning(Uuid),
+    PromptNotRunning(Uuid) => "prompt_not_running", Conflict;
     /// Starting a prompt that is not at the head of the FIFO queue.
     #[error("prompt {0} is not at the head of the queue")]
-    PromptNotAtHead(Uuid),
+    PromptNotAtHead(Uuid) => "prompt_not_at_head", Conflict;
     /// Starting a prompt while another (or the same) prompt is already running.
     #[error("a prompt is already running")]
-    PromptAlreadyRunning,
+    PromptAlreadyRunning => "prompt_already_running", Conflict;
+    /// Submitting a prompt to a session whose queue already holds as many prompts as allowed;
+    /// names the limit. Space frees up as queued prompts start or are cancelled.
+    #[error("the session's prompt queue is full ({0} prompts)")]
+    PromptQueueFull(usize) => "prompt_queue_full", Busy;
     /// The plan id is not a plan of this session.
     #[error("plan {0} not found")]
-    PlanNotFound(Uuid),
+    PlanNotFound(Uuid) => "plan_not_found", NotFound;
     /// Proposing a plan while the prompt's previous proposal still awaits a decision.
     #[error("a plan for prompt {0} is still awaiting a decision")]
-    PlanPending(Uuid),
+    PlanPending(Uuid) => "plan_pending", Conflict;
     /// Approving or rejecting a plan that was already approved or rejected.
     #[error("plan {0} has already been decided")]
-    PlanAlreadyDecided(Uuid),
+    PlanAlreadyDecided(Uuid) => "plan_already_decided", Conflict;
     /// A build-phase tool ran for a prompt whose latest plan is not approved.
     #[error("prompt {0} has no approved plan")]
-    PlanNotApproved(Uuid),
+    PlanNotApproved(Uuid) => "plan_not_approved", Conflict;
     /// A plan-phase tool that is not read-only (read, grep, glob, list).
     #[error("tool {0} is not read-only and cannot run in the plan phase")]
-    ToolNotReadOnly(String),
+    ToolNotReadOnly(String) => "tool_not_read_only", Invalid;
     /// The tool approval request id is not a request of this session.
     #[error("tool approval request {0} not found")]
-    ApprovalRequestNotFound(Uuid),
+    ApprovalRequestNotFound(Uuid) => "approval_request_not_found", NotFound;
     /// Granting or denying a tool approval request that was already answered.
     #[error("tool approval request {0} has already been decided")]
-    ApprovalAlreadyDecided(Uuid),
+    ApprovalAlreadyDecided(Uuid) => "approval_already_decided", Conflict;
     /// The checkpoint id was not taken in this session.
     #[error("checkpoint {0} not found")]
-    CheckpointNotFound(Uuid),
+    CheckpointNotFound(Uuid) => "checkpoint_not_found", NotFound;
     /// The runner reported a sandbox starting while another one is still recorded as running.
     #[error("a sandbox is already running for this session")]
-    SandboxAlreadyRunning,
+    SandboxAlreadyRunning => "sandbox_already_running", Conflict;
     /// The runner reported a sandbox stopping that is not the session's running sandbox.
     #[error("sandbox {0} is not running for this session")]
-    SandboxNotFound(String),
+    SandboxNotFound(String) => "sandbox_not_found", Conflict;
     /// A caller-generated id (prompt, plan, tool approval request, checkpoint, learning, decision)
     /// was reused; names which one.
     #[error("{0} is already in use")]
-    DuplicateId(&'static str),
+    DuplicateId(&'static str) => "duplicate_id", Conflict;
     /// A required text field is empty or blank; names the field.
     #[error("invalid command: {0} must not be empty")]
-    InvalidCommand(&'static str),
+    InvalidCommand(&'static str) => "invalid_command", Invalid;
     /// `CreateFeature` on a feature that already exists.
     #[error("the feature has already been created")]
-    FeatureAlreadyCreated,
+    FeatureAlreadyCreated => "feature_already_created", Conflict;
     /// A completed feature accepts no command at all.
     #[error("the feature is completed")]
-    FeatureCompleted,
+    FeatureCompleted => "feature_completed", Conflict;
     /// Attaching a session that is already attached to the feature.
     #[error("session {0} is already attached to this feature")]
-    SessionAlreadyAttached(Uuid),
+    SessionAlreadyAttached(Uuid) => "session_already_attached", Conflict;
     /// Sharing a learning from a session that is not attached to the feature.
     #[error("session {0} is not attached to this feature")]
-    SessionNotAttached(Uuid),
-}
-
-impl DomainError {
-    /// Every code, in declaration order; lets the API and tests check their tables are complete.
-    pub const CODES: [&'static str; 28] = [
-        "forbidden",
-        "not_found",
-        "session_already_started",
-        "session_archived",
-        "session_finished",
-        "prompts_outstanding",
-        "not_a_participant",
-        "prompt_not_found",
-        "prompt_finished",
-        "prompt_not_running",
-        "prompt_not_at_head",
-        "prompt_already_running",
-        "plan_not_found",
-        "plan_pending",
-        "plan_already_decided",
-        "plan_not_approved",
-        "tool_not_read_only",
-        "approval_request_not_found",
-        "approval_already_decided",
-        "checkpoint_not_found",
-        "sandbox_already_running",
-        "sandbox_not_found",
-        "duplicate_id",
-        "invalid_command",
-        "feature_already_created",
-        "feature_completed",
-        "session_already_attached",
-        "session_not_attached",
-    ];
-
-    /// The stable snake_case code clients may match on.
-    pub const fn code(&self) -> &'static str {
-        match self {
-            Self::Forbidden => "forbidden",
-            Self::NotFound => "not_found",
-            Self::SessionAlreadyStarted => "session_already_started",
-            Self::SessionArchived => "session_archived",
-            Self::SessionFinished => "session_finished",
-            Self::PromptsOutstanding => "prompts_outstanding",
-            Self::NotAParticipant => "not_a_participant",
-            Self::PromptNotFound(_) => "prompt_not_found",
-            Self::PromptFinished(_) => "prompt_finished",
-            Self::PromptNotRunning(_) => "prompt_not_running",
-            Self::PromptNotAtHead(_) => "prompt_not_at_head",
-            Self::PromptAlreadyRunning => "prompt_already_running",
-            Self::PlanNotFound(_) => "plan_not_found",
-            Self::PlanPending(_) => "plan_pending",
-            Self::PlanAlreadyDecided(_) => "plan_already_decided",
-            Self::PlanNotApproved(_) => "plan_not_approved",
-            Self::ToolNotReadOnly(_) => "tool_not_read_only",
-            Self::ApprovalRequestNotFound(_) => "approval_request_not_found",
-            Self::ApprovalAlreadyDecided(_) => "approval_already_decided",
-            Self::CheckpointNotFound(_) => "checkpoint_not_found",
-            Self::SandboxAlreadyRunning => "sandbox_already_running",
-            Self::SandboxNotFound(_) => "sandbox_not_found",
-            Self::DuplicateId(_) => "duplicate_id",
-            Self::InvalidCommand(_) => "invalid_command",
-            Self::FeatureAlreadyCreated => "feature_already_created",
-            Self::FeatureCompleted => "feature_completed",
-            Self::SessionAlreadyAttached(_) => "session_already_attached",
-            Self::SessionNotAttached(_) => "session_not_attached",
-        }
-    }
+    SessionNotAttached(Uuid) => "session_not_attached", Conflict;
+    /// Subscribing a webhook that already exists.
+    #[error("the webhook subscription has already been created")]
+    WebhookAlreadyCreated => "webhook_already_created", Conflict;
+    /// A webhook subscription names an event type no aggregate records.
+    #[error("unknown event type {0}")]
+    UnknownEventType(String) => "unknown_event_type", Invalid;
 }
 
 #[cfg(test)]
@@ -200,6 +190,7 @@ mod tests {
             DomainError::PromptNotRunning(id),
             DomainError::PromptNotAtHead(id),
             DomainError::PromptAlreadyRunning,
+            DomainError::PromptQueueFull(100),
             DomainError::PlanNotFound(id),
             DomainError::PlanPending(id),
             DomainError::PlanAlreadyDecided(id),
@@ -216,13 +207,9 @@ mod tests {
             DomainError::FeatureCompleted,
             DomainError::SessionAlreadyAttached(id),
             DomainError::SessionNotAttached(id),
+            DomainError::WebhookAlreadyCreated,
+            DomainError::UnknownEventType("X".into()),
         ]
-    }
-
-    #[test]
-    fn codes_table_matches_variants() {
-        let codes: Vec<_> = one_of_each().iter().map(DomainError::code).collect();
-        assert_eq!(codes, DomainError::CODES);
     }
 
     #[test]

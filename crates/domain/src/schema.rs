@@ -7,9 +7,11 @@
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::erasure::ErasureEvent;
 use crate::event::EventPayload;
 use crate::feature::FeatureEvent;
 use crate::session::SessionEvent;
+use crate::webhook::WebhookEvent;
 
 /// The schema of one event type at one version.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -54,5 +56,9 @@ impl EventSchema {
 pub fn event_schemas() -> Vec<EventSchema> {
     let mut schemas = SessionEvent::schemas();
     schemas.extend(FeatureEvent::schemas());
+    schemas.extend(ErasureEvent::schemas());
+    schemas.extend(WebhookEvent::schemas());
+    schemas.extend(crate::budget::BudgetEvent::schemas());
+    schemas.extend(crate::upcast::legacy_schemas());
     schemas
 }

@@ -1,33 +1,44 @@
 //! Canopy's event store: Postgres is the source of truth for every event.
 //!
-//! postgres-es 0.5 is the event repository (its `events` and `snapshots` tables, its inserts and
-//! selects). What must be atomic with an append lives in the database itself, in the triggers of
-//! `migrations/`: the event id, the global position, the committing transaction id, `recorded_at`,
-//! the hash chain and the `pg_notify` that wakes the relay. So the invariants hold for every
-//! writer, whichever code path or SQL client appended.
+//! The tables are postgres-es 0.5's (`events`, `snapshots`), and postgres-es reads them. What
+//! must be atomic with an append lives in the database itself, in the triggers of `migrations/`:
+//! the event id, the global position, the committing transaction id, `recorded_at` and the hash
+//! chain. So the invariants hold for every writer, whichever code path or SQL client appended.
+//! The relay's wake-up is not among them: a `NOTIFY` in every appending transaction serialized
+//! all appends' commits, so [`AggregateStore`] notifies after its commits instead, coalesced
+//! (`wake`), and the relay's poll covers any other writer.
 //!
-//! On top of the repository, [`AggregateStore`] runs commands: it loads an aggregate (from its
-//! snapshot when there is one), lets the aggregate decide, appends what it decided with the
-//! caller's [`EventMetadata`], and answers with the new version and the ids and positions of the
-//! events written. It does not use cqrs-es's `CqrsFramework`/`PersistedEventStore` for this: in
-//! 0.5 their snapshot path applies each new event twice (once in `EventSink::write`, once more
-//! when building the snapshot) and neither reports what was written.
+//! [`AggregateStore`] runs commands: it loads an aggregate (from its snapshot when there is one),
+//! lets the aggregate decide, appends what it decided with the caller's [`EventMetadata`], and
+//! answers with the new version and the ids and positions of the events written. It does not use
+//! cqrs-es's `CqrsFramework`/`PersistedEventStore` for this: in 0.5 their snapshot path applies
+//! each new event twice (once in `EventSink::write`, once more when building the snapshot) and
+//! neither reports what was written. Nor does it append through postgres-es's `persist`, whose
+//! transaction is closed to the caller: the append is its own transaction (postgres-es's inserts,
+//! with `RETURNING`), into which a caller's [`Fence`] can write what must commit with the events
+//! (command-api: the idempotency key's answer).
 
-mod chain;
+pub mod audit;
+pub mod chain;
+pub mod export;
 mod metadata;
 mod store;
+mod wake;
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-pub use sqlx::PgPool;
+pub use sqlx::{PgConnection, PgPool};
 
-pub use chain::{ChainProblem, ChainReport, ProblemKind, verify_chain};
+pub use audit::verify_chain;
+pub use chain::{ChainProblem, ChainRecord, ChainReport, ErasureRecord, Head, ProblemKind};
 pub use metadata::{ActorKind, EventMetadata};
 pub use store::{
-    AggregateStore, Committed, CommittedEvent, ExecuteError, Loaded, RetryPolicy, StoreConfig,
+    AggregateStore, Committed, CommittedEvent, ExecuteError, Fence, Loaded, RetryPolicy,
+    StoreConfig, Upcast,
 };
+pub use wake::{NOTIFY_CHANNEL, wake_relay};
 
 /// The migrations under `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -43,6 +54,11 @@ pub enum StoreError {
     Decode(String),
     #[error("event repository error: {0}")]
     Repository(String),
+    #[error(
+        "the database lacks {pending} migration(s) this build needs: run `canopy migrate` (with \
+         the role that owns the schema)"
+    )]
+    NotMigrated { pending: usize },
 }
 
 /// How the services connect to Postgres.
@@ -101,6 +117,50 @@ pub async fn connect_when_ready(config: &DbConfig, wait: Duration) -> Result<PgP
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Applies the pending migrations, if any: a service whose role may not change the schema
+/// (`canopy_writer`) starts against a database `canopy migrate` brought up to date.
+pub async fn migrate_if_pending(pool: &PgPool) -> Result<(), StoreError> {
+    if pending_migrations(pool).await? > 0 {
+        migrate(pool).await?;
+    }
+    Ok(())
+}
+
+/// How many of the migrations this build knows the database has not applied.
+pub async fn pending_migrations(pool: &PgPool) -> Result<usize, StoreError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(MIGRATOR.migrations.len());
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?;
+    Ok(MIGRATOR
+        .migrations
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .count())
+}
+
+/// Waits up to `wait` for another process (`canopy migrate`, command-api) to apply every
+/// migration this build knows, without applying any: for a service that may only read.
+pub async fn wait_migrated(pool: &PgPool, wait: std::time::Duration) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let pending = pending_migrations(pool).await?;
+        if pending == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::NotMigrated { pending });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// How many migrations the database has applied successfully.

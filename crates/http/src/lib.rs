@@ -1,8 +1,18 @@
 //! HTTP plumbing both APIs share, so that it is written once: RFC 9457 problem bodies, the id of
 //! the request being answered, request metrics, the process's Prometheus recorder, the layers
-//! and documentation routes every API router ends with, and the bearer-token security scheme of
-//! their OpenAPI documents. Each API keeps its own error type and its table from error to status
-//! and code.
+//! and documentation routes every API router ends with, the operations endpoints ([`ops`]), query and path parameters read with the
+//! failing parameter named ([`params`]), and the pieces of their OpenAPI documents (the
+//! bearer-token security scheme, problem+json and plain-text answers). Each API keeps its own
+//! error type and its table from error to status and code.
+//!
+//! With the `contract` feature, [`contract`] walks an OpenAPI document and checks a running API
+//! against it (the APIs' contract tests).
+
+#[cfg(feature = "contract")]
+pub mod contract;
+pub mod ops;
+pub mod params;
+pub mod serve;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -19,8 +29,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
 use utoipa_swagger_ui::SwaggerUi;
+
+/// Where every API serves its OpenAPI document; the `/docs` page loads it from there.
+pub const OPENAPI_PATH: &str = "/openapi.json";
 
 /// One invalid field of a request (a JSON path such as `text` or `steps[3]`, or a query
 /// parameter).
@@ -47,6 +62,66 @@ pub struct Problem {
     /// The invalid fields, for `validation_failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
+    /// `budget_exhausted`: the budget's kind (`workspace_monthly_cost`, `session_tokens`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// `budget_exhausted`: whose spending, `workspace`, `session:<id>` or `person:<user id>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// `budget_exhausted`: the period, `YYYY-MM`, `YYYY-MM-DD` (UTC) or empty for a session's
+    /// life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// `budget_exhausted`: `micro_usd`, `tokens`, `seconds` or `sessions`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// `budget_exhausted`: the budget's limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// `budget_exhausted`: recorded usage in the period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spent: Option<u64>,
+    /// `budget_exhausted`: what admitted prompts that have not finished hold back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<u64>,
+    /// `budget_exhausted`: `limit - spent - reserved`, at least 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+}
+
+impl Problem {
+    /// This problem with the members of a `budget_exhausted` refusal.
+    pub fn with_budget(mut self, shortfall: BudgetShortfall) -> Self {
+        self.budget = Some(shortfall.budget);
+        self.scope = Some(shortfall.scope);
+        self.period = Some(shortfall.period);
+        self.unit = Some(shortfall.unit);
+        self.limit = Some(shortfall.limit);
+        self.spent = Some(shortfall.spent);
+        self.reserved = Some(shortfall.reserved);
+        self.remaining = Some(shortfall.remaining);
+        self
+    }
+}
+
+/// Which budget refused a request and how it stands (members of a `budget_exhausted` problem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetShortfall {
+    /// The budget's kind (`workspace_monthly_cost`, `session_tokens`, ...).
+    pub budget: String,
+    /// Whose spending: `workspace`, `session:<id>` or `person:<user id>`.
+    pub scope: String,
+    /// `YYYY-MM`, `YYYY-MM-DD` (UTC) or empty for a session's life.
+    pub period: String,
+    /// `micro_usd`, `tokens`, `seconds` or `sessions`.
+    pub unit: String,
+    pub limit: u64,
+    /// Recorded usage in the period.
+    pub spent: u64,
+    /// Held back by admitted prompts that have not finished.
+    pub reserved: u64,
+    /// What is left: `limit - spent - reserved`, at least 0.
+    pub remaining: u64,
 }
 
 impl Problem {
@@ -66,6 +141,14 @@ impl Problem {
             detail: (!status.is_server_error()).then_some(detail),
             request_id: current_request_id(),
             errors,
+            budget: None,
+            scope: None,
+            period: None,
+            unit: None,
+            limit: None,
+            spent: None,
+            reserved: None,
+            remaining: None,
         }
     }
 
@@ -97,8 +180,8 @@ pub fn cors_origins(origins: &[String]) -> anyhow::Result<AllowOrigin> {
     Ok(AllowOrigin::list(origins))
 }
 
-/// What every API router ends with: `/openapi.json` and the `/docs` page, then the request-id,
-/// CORS, tracing and [`observe`] layers.
+/// What every API router ends with: `/openapi.json` and the `/docs` page (Swagger UI, loading
+/// `/openapi.json`), then the request-id, CORS, tracing and [`observe`] layers.
 pub fn finish_router(
     router: Router,
     openapi: &utoipa::openapi::OpenApi,
@@ -112,13 +195,15 @@ pub fn finish_router(
     let request_id = HeaderName::from_static("x-request-id");
     Ok(router
         .route(
-            "/openapi.json",
+            OPENAPI_PATH,
             axum::routing::get(move || {
                 let document = document.clone();
                 async move { ([(header::CONTENT_TYPE, "application/json")], document) }
             }),
         )
-        .merge(SwaggerUi::new("/docs"))
+        // The page's initializer must name the document: without a URL Swagger UI shows "No API
+        // definition provided."
+        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from(OPENAPI_PATH)))
         .layer(axum::middleware::from_fn(observe))
         .layer(TraceLayer::new_for_http())
         .layer(cors)
@@ -189,4 +274,70 @@ impl utoipa::Modify for BearerAuth {
         bearer.bearer_format = Some("JWT".to_owned());
         components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
     }
+}
+
+/// A documented error answer: `application/problem+json` with the [`Problem`] schema, and
+/// `Retry-After` (seconds) when `retry_after` says the answer can carry it.
+pub fn problem_response(description: &str, retry_after: bool) -> RefOr<utoipa::openapi::Response> {
+    let mut response = ResponseBuilder::new().description(description).content(
+        "application/problem+json",
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("Problem")))
+            .build(),
+    );
+    if retry_after {
+        response = response.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(1)),
+                ))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        );
+    }
+    RefOr::T(response.build())
+}
+
+/// A documented plain-text answer (health, readiness, metrics).
+pub fn text_response(description: &str, content_type: &str) -> RefOr<utoipa::openapi::Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                content_type,
+                ContentBuilder::new()
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+/// The documented answers of operations endpoints, each as plain text.
+macro_rules! text_answers {
+    ($($(#[$doc:meta])* $name:ident => ($description:literal, $content_type:literal);)+) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug)]
+            pub struct $name;
+
+            impl utoipa::IntoResponses for $name {
+                fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+                    [("200".to_owned(), text_response($description, $content_type))].into()
+                }
+            }
+        )+
+    };
+}
+
+text_answers! {
+    /// `/healthz`: `ok`.
+    Alive => ("Alive: `ok`", "text/plain");
+    /// `/readyz`: `ready`.
+    Ready => ("Ready: `ready`", "text/plain");
+    /// `/metrics`: the Prometheus text exposition.
+    Metrics => ("Prometheus metrics (text exposition format 0.0.4)", "text/plain");
 }

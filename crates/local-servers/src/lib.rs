@@ -4,6 +4,12 @@
 //! The testkit starts throwaway ones in temp dirs; `canopy up` starts durable ones in the
 //! project's data folder. Facts designed for: `initdb` refuses to run as root, so the server runs
 //! as the `postgres` user (or `nobody`); Debian keeps the server binaries outside PATH.
+//!
+//! Both listen on loopback only and require credentials generated when their data is created
+//! and kept beside it (mode 0600): Postgres a password for `postgres` (scram-sha-256, on TCP and
+//! the socket alike), nats-server a user `canopy` and its password. [`LocalServer::url`] carries
+//! them. A Postgres cluster created before this (with no password file) keeps trusting local
+//! connections.
 
 mod process;
 
@@ -117,21 +123,35 @@ pub fn start_postgres(dir: &Path, port: u16, durability: Durability) -> Result<L
             .arg(format!("{user}:"))
             .arg(dir))?;
     }
+    let password_file = dir.join("password");
     if fresh {
+        let password = secret()?;
+        write_private(&password_file, &password)?;
+        if let Some(user) = &user {
+            run(Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(&password_file))?;
+        }
         run(as_user(&user, &bin.join("initdb"), None)
             .args([
                 "-A",
-                "trust",
+                "scram-sha-256",
                 "-U",
                 "postgres",
                 "--no-sync",
                 "-E",
                 "UTF8",
-                "-D",
             ])
+            .arg(format!("--pwfile={}", password_file.display()))
+            .arg("-D")
             .arg(&data))
         .context("initdb")?;
     }
+    let credentials = match std::fs::read_to_string(&password_file) {
+        Ok(password) => format!("postgres:{}", password.trim()),
+        // a cluster from before passwords: it trusts local connections
+        Err(_) => "postgres".to_owned(),
+    };
     let log = std::fs::OpenOptions::new().append(true).open(&log_path)?;
     let mut server = as_user(&user, &bin.join("postgres"), Some("INT"));
     server
@@ -156,29 +176,35 @@ pub fn start_postgres(dir: &Path, port: u16, durability: Durability) -> Result<L
     // SIGINT is Postgres's fast shutdown.
     let pid = spawn_detached(server).context("start postgres")?;
     Ok(LocalServer {
-        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        url: format!("postgres://{credentials}@127.0.0.1:{port}/postgres"),
         pid,
         dir: dir.to_owned(),
     })
 }
 
-/// Starts `nats-server -js` on `port` with its JetStream store in `dir/jetstream`.
+/// Starts `nats-server -js` on `port` with its JetStream store in `dir/jetstream`, requiring the
+/// user `canopy` and a password kept in `dir/nats.conf` (made on first start, mode 0600).
 pub fn start_nats(dir: &Path, port: u16) -> Result<LocalServer> {
     std::fs::create_dir_all(dir)?;
+    let password_file = dir.join("nats-password");
+    if !password_file.exists() {
+        write_private(&password_file, &secret()?)?;
+    }
+    let password = std::fs::read_to_string(&password_file)?.trim().to_owned();
+    let config = dir.join("nats.conf");
+    write_private(
+        &config,
+        &format!("authorization {{\n  user: canopy\n  password: \"{password}\"\n}}\n"),
+    )?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("nats.log"))?;
-    let mut command = Command::new("setpriv");
+    let mut command = canopy_process::death_signal("TERM", nats_server_binary()?);
     command
-        .args([
-            "--pdeathsig",
-            "TERM",
-            "nats-server",
-            "-js",
-            "-a",
-            "127.0.0.1",
-        ])
+        .args(["-js", "-a", "127.0.0.1"])
+        .arg("-c")
+        .arg(&config)
         .args(["-p", &port.to_string(), "-sd"])
         .arg(dir.join("jetstream"))
         .stdin(Stdio::null())
@@ -187,10 +213,47 @@ pub fn start_nats(dir: &Path, port: u16) -> Result<LocalServer> {
     let pid = spawn_detached(command)
         .context("start nats-server (is it installed? scripts/setup.sh installs it)")?;
     Ok(LocalServer {
-        url: format!("nats://127.0.0.1:{port}"),
+        url: format!("nats://canopy:{password}@127.0.0.1:{port}"),
         pid,
         dir: dir.to_owned(),
     })
+}
+
+/// The nats-server binary: on PATH, else where Debian's package puts it (`/usr/sbin`, which a
+/// normal user's PATH does not hold).
+pub fn nats_server_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .context(
+            "no nats-server found on PATH or in /usr/sbin: run scripts/setup.sh or set NATS_URL",
+        )
+}
+
+/// 32 random bytes as hex: a password that needs no quoting in a URL or a config file.
+fn secret() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0_u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `text` to `path`, readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// `setpriv` with a parent-death signal, dropping to `user` when given.

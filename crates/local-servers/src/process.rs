@@ -1,53 +1,18 @@
 //! Starting server processes that cannot outlive the process that started them.
 //!
 //! Children are started through `setpriv --pdeathsig`, so the kernel signals them when their
-//! parent dies. The parent-death signal follows the spawning *thread*, not the process, so every
-//! child is spawned from one long-lived thread that never exits before the process does.
+//! parent dies, from `canopy_process`'s one long-lived spawner thread (the signal follows the
+//! spawning thread, not the process).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-type SpawnRequest = (Command, mpsc::Sender<std::io::Result<u32>>);
-
-/// Spawns `command` from the kit's long-lived spawner thread and returns the child's pid.
+/// Spawns `command` tied to this process's life (see [`canopy_process::spawn_tied`]) and
+/// returns the child's pid. The child is never waited for here: its server is stopped by pid.
 pub(crate) fn spawn_detached(command: Command) -> Result<u32> {
-    static SPAWNER: OnceLock<std::sync::Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("testkit-spawner".into())
-            .spawn(move || {
-                // Children are kept (never waited for) so that they stay attached to this thread.
-                let mut children: Vec<Child> = Vec::new();
-                for (mut command, reply) in rx {
-                    let result = command.spawn().map(|child| {
-                        let pid = child.id();
-                        children.push(child);
-                        pid
-                    });
-                    let _ = reply.send(result);
-                }
-                // The channel only closes when the process is exiting: keep the children alive.
-                loop {
-                    std::thread::park();
-                }
-            })
-            .expect("spawn testkit-spawner thread");
-        std::sync::Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    sender
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((command, reply_tx))
-        .context("testkit spawner thread is gone")?;
-    Ok(reply_rx
-        .recv()
-        .context("testkit spawner did not answer")??)
+    Ok(canopy_process::spawn_tied(command)?.id())
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
@@ -57,15 +22,14 @@ pub fn free_port() -> Result<u16> {
 }
 
 pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
+    effective_uid() == Some(0)
+}
+
+/// This process's effective uid, from `/proc/self/status`.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// Runs a command to completion, failing with its output when it fails.
@@ -109,8 +73,14 @@ fn sweep_stale(tmp: &Path) {
         else {
             continue;
         };
+        // Only this user's leftovers: another user's servers may run where this process cannot
+        // tell (another PID namespace), and their files are not ours to remove.
+        let ours = entry
+            .metadata()
+            .is_ok_and(|meta| Some(std::os::unix::fs::MetadataExt::uid(&meta)) == effective_uid());
         let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
+        if ours
+            && let Some(pid) = pid
             && !Path::new(&format!("/proc/{pid}")).exists()
         {
             let _ = std::fs::remove_dir_all(entry.path());

@@ -1,7 +1,9 @@
 //! The HTTP client of OpenCode's classic API.
 //!
 //! Every request has the client's own timeout ([`ClientConfig::request_timeout`]); the event
-//! stream has a stall timeout instead. How the client reaches the server is a [`Transport`],
+//! stream has a stall timeout instead. What the server sends is read up to a size
+//! ([`ClientConfig::max_body_bytes`], [`ClientConfig::max_event_bytes`]) and refused beyond it:
+//! in a sandbox, the server answering may be whatever took OpenCode's place. How the client reaches the server is a [`Transport`],
 //! decided in one place ([`OpenCodeClient::new`]): TCP to a base URL, or HTTP over a unix socket
 //! (the sandbox bridges OpenCode's port to a socket), where reqwest connects to the socket and the
 //! URL's host is only a placeholder.
@@ -73,6 +75,12 @@ pub struct ClientConfig {
     /// How long the event stream may be silent before it counts as dead (heartbeats come every
     /// 10 s).
     pub event_stall_timeout: Duration,
+    /// The largest answer body read ([`Error::TooLarge`] beyond). A session's whole history is
+    /// the largest answer OpenCode gives.
+    pub max_body_bytes: usize,
+    /// The largest event of the event stream, which ends with [`Error::EventTooLarge`] beyond.
+    /// A tool part's update carries the tool's whole output.
+    pub max_event_bytes: usize,
 }
 
 impl ClientConfig {
@@ -84,6 +92,8 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             event_stall_timeout: Duration::from_secs(35),
+            max_body_bytes: 128 << 20,
+            max_event_bytes: 16 << 20,
         }
     }
 
@@ -270,7 +280,11 @@ impl OpenCodeClient {
             })?
             .map_err(|source| request_error("GET", "/event", source, timeout))?;
         let response = check_status("GET", "/event", response, timeout).await?;
-        Ok(EventStream::new(response, self.config.event_stall_timeout))
+        Ok(EventStream::new(
+            response,
+            self.config.event_stall_timeout,
+            self.config.max_event_bytes,
+        ))
     }
 
     /// A request to `segments` with the directory and auth. Every request is built here.
@@ -320,10 +334,16 @@ impl OpenCodeClient {
             .await
             .map_err(|source| request_error(method.as_str(), path, source, timeout))?;
         let response = check_status(method.as_str(), path, response, timeout).await?;
-        let bytes = response
-            .bytes()
+        let bytes = read_capped(response, self.config.max_body_bytes)
             .await
-            .map_err(|source| request_error(method.as_str(), path, source, timeout))?;
+            .map_err(|capped| match capped {
+                Capped::TooLarge => Error::TooLarge {
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                    limit: self.config.max_body_bytes,
+                },
+                Capped::Read(source) => request_error(method.as_str(), path, source, timeout),
+            })?;
         serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
             method: method.to_string(),
             path: path.to_owned(),
@@ -380,10 +400,11 @@ async fn check_status(
     if status.is_success() {
         return Ok(response);
     }
-    let body = response
-        .text()
-        .await
-        .map_err(|source| request_error(method, path, source, timeout))?;
+    let body = match read_capped(response, ERROR_BODY_BYTES).await {
+        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+        Err(Capped::TooLarge) => String::new(),
+        Err(Capped::Read(source)) => return Err(request_error(method, path, source, timeout)),
+    };
     let parsed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     let name = parsed["name"]
         .as_str()
@@ -401,6 +422,33 @@ async fn check_status(
         name,
         message,
     })
+}
+
+/// What is read of an error answer's body; OpenCode's are a few hundred bytes.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Why [`read_capped`] gave up.
+enum Capped {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// The whole body, unless it is (or says it is) longer than `limit` bytes.
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Capped> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(Capped::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Capped::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(Capped::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn describe(status: StatusCode, body: &str) -> String {

@@ -72,8 +72,20 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// The answer was larger than the client reads ([`crate::ClientConfig::max_body_bytes`]).
+    #[error("{method} {path} answered with a body larger than {limit} bytes")]
+    TooLarge {
+        method: String,
+        path: String,
+        limit: usize,
+    },
+
     #[error("the event stream broke: {0}")]
     EventStream(String),
+
+    /// One event was larger than the client reads ([`crate::ClientConfig::max_event_bytes`]).
+    #[error("the event stream sent an event larger than {limit} bytes")]
+    EventTooLarge { limit: usize },
 
     #[error("the event stream sent nothing, not even a heartbeat, for {0:?}")]
     EventStreamStalled(Duration),

@@ -7,11 +7,11 @@
 //! payload no longer decodes, become [`Event::Unknown`] so a new OpenCode release degrades to
 //! missing detail instead of a broken stream.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -211,18 +211,25 @@ impl std::fmt::Debug for EventStream {
 }
 
 impl EventStream {
-    pub(crate) fn new(response: reqwest::Response, stall_timeout: Duration) -> Self {
-        let events = response.bytes_stream().eventsource().filter_map(|item| async move {
+    /// The events of `response`, each at most `max_event_bytes` long.
+    pub(crate) fn new(
+        response: reqwest::Response,
+        stall_timeout: Duration,
+        max_event_bytes: usize,
+    ) -> Self {
+        let messages = sse_data(response.bytes_stream(), max_event_bytes);
+        let events = messages.filter_map(|item| async move {
             match item {
-                Ok(message) if message.data.trim().is_empty() => None,
-                Ok(message) => match Event::from_json(&message.data) {
+                Ok(data) if data.trim().is_empty() => None,
+                Ok(data) => match Event::from_json(&data) {
                     Ok(event) => Some(Ok(event)),
                     Err(error) => {
-                        tracing::warn!(%error, data = %message.data, "skipped an opencode event that is not json");
+                        let data: String = data.chars().take(200).collect();
+                        tracing::warn!(%error, %data, "skipped an opencode event that is not json");
                         None
                     }
                 },
-                Err(error) => Some(Err(Error::EventStream(error.to_string()))),
+                Err(error) => Some(Err(error)),
             }
         });
         let events = Box::pin(events);
@@ -238,6 +245,134 @@ impl EventStream {
         });
         Self {
             inner: Box::pin(guarded),
+        }
+    }
+}
+
+/// The `data` of each server-sent event in `bytes`. The stream ends with
+/// [`Error::EventTooLarge`] as soon as one event (its data plus the line being read) passes
+/// `limit` bytes, and with [`Error::EventStream`] when the connection breaks.
+fn sse_data(
+    bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+    limit: usize,
+) -> impl Stream<Item = Result<String, Error>> + Send {
+    struct State<S> {
+        bytes: Pin<Box<S>>,
+        parser: SseParser,
+        ready: VecDeque<String>,
+        done: bool,
+    }
+    let state = State {
+        bytes: Box::pin(bytes),
+        parser: SseParser::new(limit),
+        ready: VecDeque::new(),
+        done: false,
+    };
+    futures::stream::unfold(state, move |mut state| async move {
+        loop {
+            if let Some(data) = state.ready.pop_front() {
+                return Some((Ok(data), state));
+            }
+            if state.done {
+                return None;
+            }
+            match state.bytes.next().await {
+                Some(Ok(chunk)) => {
+                    if state.parser.push(&chunk, &mut state.ready).is_err() {
+                        state.done = true;
+                        state.ready.clear();
+                        return Some((Err(Error::EventTooLarge { limit }), state));
+                    }
+                }
+                Some(Err(error)) => {
+                    state.done = true;
+                    return Some((Err(Error::EventStream(error.to_string())), state));
+                }
+                // An event the stream did not end with a blank line is dropped (as the spec says).
+                None => state.done = true,
+            }
+        }
+    })
+}
+
+/// An event passed the size limit.
+#[derive(Debug)]
+struct TooLarge;
+
+/// A server-sent events parser for the one field OpenCode uses, `data`, linear in its input
+/// (each byte is looked at once) and bounded: an event's data and the line being read together
+/// stay within `limit` bytes.
+#[derive(Debug)]
+struct SseParser {
+    limit: usize,
+    /// The line being read, without its end.
+    line: Vec<u8>,
+    /// The data lines of the event being read, each followed by `\n`.
+    data: Vec<u8>,
+    /// The last byte was a `\r`: a `\n` right after it ends no further line.
+    after_cr: bool,
+}
+
+impl SseParser {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            line: Vec::new(),
+            data: Vec::new(),
+            after_cr: false,
+        }
+    }
+
+    /// Reads `chunk`, adding the data of every event it completes to `ready`.
+    fn push(&mut self, mut chunk: &[u8], ready: &mut VecDeque<String>) -> Result<(), TooLarge> {
+        if self.after_cr && chunk.first() == Some(&b'\n') {
+            chunk = &chunk[1..];
+        }
+        self.after_cr = false;
+        while !chunk.is_empty() {
+            let Some(end) = chunk.iter().position(|byte| matches!(byte, b'\r' | b'\n')) else {
+                self.extend_line(chunk)?;
+                break;
+            };
+            self.extend_line(&chunk[..end])?;
+            self.end_line(ready);
+            let crlf = chunk[end] == b'\r' && chunk.get(end + 1) == Some(&b'\n');
+            if chunk[end] == b'\r' && end + 1 == chunk.len() {
+                self.after_cr = true;
+            }
+            chunk = &chunk[end + if crlf { 2 } else { 1 }..];
+        }
+        Ok(())
+    }
+
+    fn extend_line(&mut self, part: &[u8]) -> Result<(), TooLarge> {
+        if self.data.len() + self.line.len() + part.len() > self.limit {
+            return Err(TooLarge);
+        }
+        self.line.extend_from_slice(part);
+        Ok(())
+    }
+
+    fn end_line(&mut self, ready: &mut VecDeque<String>) {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            // A blank line ends the event.
+            if !self.data.is_empty() {
+                self.data.pop();
+                ready.push_back(String::from_utf8_lossy(&self.data).into_owned());
+                self.data.clear();
+            }
+            return;
+        }
+        let (field, value) = match line.iter().position(|byte| *byte == b':') {
+            Some(colon) => (&line[..colon], &line[colon + 1..]),
+            None => (&line[..], &[][..]),
+        };
+        // `:` first is a comment; `event`, `id` and `retry` are not used.
+        if field == b"data" {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            self.data.extend_from_slice(value);
+            self.data.push(b'\n');
         }
     }
 }
@@ -313,5 +448,48 @@ mod tests {
             panic!("not a session error")
         };
         assert!(error.is_aborted());
+    }
+
+    fn parse(limit: usize, chunks: &[&[u8]]) -> Result<Vec<String>, TooLarge> {
+        let mut parser = SseParser::new(limit);
+        let mut ready = VecDeque::new();
+        for chunk in chunks {
+            parser.push(chunk, &mut ready)?;
+        }
+        Ok(ready.into_iter().collect())
+    }
+
+    #[test]
+    fn server_sent_events_are_parsed_across_chunks_and_line_ends() {
+        let events = parse(
+            1024,
+            &[
+                b": comment\n\ndata: {\"a\":1}\n\n",
+                b"data: one\r\ndata:two\r\n\r\n",
+                b"event: x\rdata: three\r",
+                b"\n\r",
+                b"data: fo",
+                b"ur\n",
+                b"\n",
+                b"data: never ended",
+            ],
+        )
+        .unwrap();
+        assert_eq!(events, ["{\"a\":1}", "one\ntwo", "three", "four"]);
+    }
+
+    #[test]
+    fn an_event_past_the_limit_is_refused_however_it_is_split() {
+        // 20 bytes of data per event fit; the line being read counts too.
+        assert!(parse(20, &[b"data: 01234567890123456789\n\n"]).is_err());
+        assert_eq!(
+            parse(26, &[b"data: 01234567890123456789\n\n"]).unwrap(),
+            ["01234567890123456789"]
+        );
+        assert!(parse(20, &[b"data: 0123456789", b"0123456789"]).is_err());
+        assert!(parse(20, &[b"data: 0123456789\n", b"data: 0123456789\n\n"]).is_err());
+        // The limit is per event, not per stream.
+        let many: Vec<&[u8]> = vec![b"data: 0123456789\n\n"; 100];
+        assert_eq!(parse(20, &many).unwrap().len(), 100);
     }
 }

@@ -17,11 +17,11 @@
 //! thread.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -203,14 +203,14 @@ impl OpenCodeServer {
     pub async fn stop(self) -> Result<ExitStatus, Error> {
         let mut exit = self.exit.clone();
         if !self.has_exited() {
-            signal_group(self.pid, rustix::process::Signal::TERM);
+            canopy_process::signal_group(self.pid, rustix::process::Signal::TERM);
         }
         let exited = tokio::time::timeout(self.stop_timeout, exit.wait_for(Option::is_some))
             .await
             .is_ok();
         if !exited {
             tracing::warn!(pid = self.pid, "opencode ignored SIGTERM; killing it");
-            signal_group(self.pid, rustix::process::Signal::KILL);
+            canopy_process::signal_group(self.pid, rustix::process::Signal::KILL);
         }
         let status = tokio::time::timeout(self.stop_timeout, exit.wait_for(Option::is_some))
             .await
@@ -228,9 +228,7 @@ impl OpenCodeServer {
         let dirs = StateDirs::new(&config.state_dir);
         dirs.create()?;
         let mut command = if config.die_with_parent {
-            let mut command = Command::new("setpriv");
-            command.args(["--pdeathsig", "KILL"]).arg(binary);
-            command
+            canopy_process::death_signal("KILL", binary)
         } else {
             Command::new(binary)
         };
@@ -261,7 +259,7 @@ impl OpenCodeServer {
             binary.display().to_string()
         };
         let mut child = if config.die_with_parent {
-            spawn_from_long_lived_thread(command)
+            canopy_process::spawn_tied(command)
         } else {
             command.spawn()
         }
@@ -346,7 +344,7 @@ impl OpenCodeServer {
     }
 
     fn not_ready(&self, config: &ServerConfig) -> Error {
-        signal_group(self.pid, rustix::process::Signal::KILL);
+        canopy_process::signal_group(self.pid, rustix::process::Signal::KILL);
         Error::StartupTimeout {
             after: config.startup_timeout,
             output: self.output.tail(),
@@ -357,7 +355,7 @@ impl OpenCodeServer {
 impl Drop for OpenCodeServer {
     fn drop(&mut self) {
         if !self.has_exited() {
-            signal_group(self.pid, rustix::process::Signal::KILL);
+            canopy_process::signal_group(self.pid, rustix::process::Signal::KILL);
         }
     }
 }
@@ -441,6 +439,8 @@ struct Output {
 }
 
 const OUTPUT_LINES: usize = 40;
+/// What is kept of one output line.
+const OUTPUT_LINE_BYTES: usize = 4096;
 const LISTENING: &str = "opencode server listening on ";
 
 impl Output {
@@ -454,8 +454,10 @@ impl Output {
         let spawned = std::thread::Builder::new()
             .name(format!("opencode-{stream}"))
             .spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
+                let mut pipe = BufReader::new(pipe);
+                while let Ok(Some(line)) =
+                    canopy_process::read_line_capped(&mut pipe, OUTPUT_LINE_BYTES)
+                {
                     tracing::debug!(target: "canopy_opencode::server::output", stream, "{line}");
                     if let Some(url) = line.trim().strip_prefix(LISTENING)
                         && let Some(tx) = listening.take()
@@ -493,20 +495,6 @@ fn wait(mut child: Child) -> Option<ExitStatus> {
     }
 }
 
-fn signal_group(pid: u32, signal: rustix::process::Signal) {
-    // Never 0 or 1: kill(0) and kill(-1) would reach this process's group or every process.
-    let Some(pid) = i32::try_from(pid)
-        .ok()
-        .filter(|pid| *pid > 1)
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
-    if let Err(error) = rustix::process::kill_process_group(pid, signal) {
-        tracing::debug!(%error, ?signal, "signalling opencode's process group");
-    }
-}
-
 fn free_port() -> Result<u16, Error> {
     let prepare = |source| Error::Prepare {
         path: PathBuf::from("127.0.0.1:0"),
@@ -514,34 +502,4 @@ fn free_port() -> Result<u16, Error> {
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(prepare)?;
     Ok(listener.local_addr().map_err(prepare)?.port())
-}
-
-type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns `command` from a thread that lives as long as the process, so that a parent-death
-/// signal fires when the process dies and not when some short-lived thread ends.
-fn spawn_from_long_lived_thread(command: Command) -> std::io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        let started = std::thread::Builder::new()
-            .name("opencode-spawner".into())
-            .spawn(move || {
-                for (mut command, reply) in rx {
-                    let _ = reply.send(command.spawn());
-                }
-            });
-        if let Err(error) = started {
-            tracing::error!(%error, "cannot start the opencode spawner thread");
-        }
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    let gone = || std::io::Error::other("the opencode spawner thread is gone");
-    spawner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((command, reply_tx))
-        .map_err(|_| gone())?;
-    reply_rx.recv().map_err(|_| gone())?
 }

@@ -13,54 +13,16 @@
 
 use sqlx::{Executor, PgConnection, Postgres};
 
-use crate::Cursor;
-use crate::envelope::EventRow;
-
-const COLUMNS: &str = "transaction_id::text::bigint AS transaction_id, position, event_id, \
-    aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
-    recorded_at";
+use crate::history::{self, xid_param};
+use crate::{Cursor, StoredEvent};
 
 /// Up to `limit` committed events after `after`, below the horizon, in relay order.
 pub(crate) async fn read_batch(
     conn: &mut PgConnection,
     after: Cursor,
     limit: usize,
-) -> Result<Vec<EventRow>, sqlx::Error> {
-    sqlx::query_as::<_, EventRow>(&format!(
-        "SELECT {COLUMNS} FROM events \
-          WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2) \
-            AND transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
-          ORDER BY transaction_id, position \
-          LIMIT $3"
-    ))
-    .bind(xid_param(after))
-    .bind(after.position)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(conn)
-    .await
-}
-
-/// Like [`read_batch`], restricted to events at or after `from_position` (for `republish`).
-pub(crate) async fn read_batch_from_position<'e>(
-    executor: impl Executor<'e, Database = Postgres>,
-    after: Cursor,
-    from_position: i64,
-    limit: usize,
-) -> Result<Vec<EventRow>, sqlx::Error> {
-    sqlx::query_as::<_, EventRow>(&format!(
-        "SELECT {COLUMNS} FROM events \
-          WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2) \
-            AND position >= $3 \
-            AND transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
-          ORDER BY transaction_id, position \
-          LIMIT $4"
-    ))
-    .bind(xid_param(after))
-    .bind(after.position)
-    .bind(from_position)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(executor)
-    .await
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    history::events_after(conn, history::Scope::All, after, limit).await
 }
 
 /// The cursor just before the first event (in relay order) whose position is `>= from`: no
@@ -181,8 +143,4 @@ pub(crate) async fn lag_after<'e>(
         events: u64::try_from(events).unwrap_or_default(),
         seconds: seconds.unwrap_or(0.0).max(0.0),
     })
-}
-
-fn xid_param(cursor: Cursor) -> i64 {
-    i64::try_from(cursor.transaction_id).unwrap_or(i64::MAX)
 }

@@ -46,6 +46,10 @@ pub mod headers {
     pub const TRANSACTION_ID: &str = "canopy-transaction-id";
     /// The payload version of the event type.
     pub const EVENT_VERSION: &str = "canopy-event-version";
+    /// The event's chain hash (64 lowercase hex digits): the stream's head as of this event,
+    /// kept outside the database, so a chain deleted at its end or re-hashed in the store
+    /// disagrees with what JetStream holds (`docs/audit-format.md`).
+    pub const CHAIN_HASH: &str = "canopy-chain-hash";
 }
 
 /// The JSON body of every message. Field names are the contract for consumers in any language.
@@ -129,10 +133,9 @@ pub fn subject_token(value: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// An event as stored in the event store, for consumers that read the store directly (a
-/// projection's rebuild, a stream's history): [`Envelope::from_stored`] gives them the very
-/// envelope the relay publishes for it. Select `transaction_id::text::bigint AS transaction_id`
-/// (and order by the table's `transaction_id`, not by that alias).
+/// An event as stored in the event store, as [`crate::history`] reads it for consumers that read
+/// the store directly (the relay, a projection's rebuild or gap, a stream's history):
+/// [`Envelope::from_stored`] gives them the very envelope the relay publishes for it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
     pub event_id: Uuid,
@@ -146,6 +149,9 @@ pub struct StoredEvent {
     pub position: i64,
     pub transaction_id: i64,
     pub recorded_at: DateTime<Utc>,
+    /// The chain hash, hex (absent where a query did not read it).
+    #[sqlx(default)]
+    pub hash: Option<String>,
 }
 
 impl Envelope {
@@ -168,24 +174,9 @@ impl Envelope {
     }
 }
 
-/// One stored event, as the relay reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub(crate) struct EventRow {
-    pub(crate) transaction_id: i64,
-    pub(crate) position: i64,
-    pub(crate) event_id: Uuid,
-    pub(crate) aggregate_type: String,
-    pub(crate) aggregate_id: String,
-    pub(crate) sequence: i64,
-    pub(crate) event_type: String,
-    pub(crate) event_version: String,
-    pub(crate) payload: serde_json::Value,
-    pub(crate) metadata: serde_json::Value,
-    pub(crate) recorded_at: DateTime<Utc>,
-}
-
-impl EventRow {
-    pub(crate) fn cursor(&self) -> Cursor {
+impl StoredEvent {
+    /// Where the event is in relay order.
+    pub fn cursor(&self) -> Cursor {
         Cursor {
             transaction_id: u64::try_from(self.transaction_id).unwrap_or_default(),
             position: self.position,
@@ -219,7 +210,7 @@ struct WireEnvelope<'a> {
     data: &'a serde_json::Value,
 }
 
-pub(crate) fn encode(row: &EventRow, prefix: &str) -> Outgoing {
+pub(crate) fn encode(row: &StoredEvent, prefix: &str) -> Outgoing {
     let data = untag(&row.payload, &row.event_type);
     let body = WireEnvelope {
         id: row.event_id,
@@ -265,6 +256,9 @@ pub(crate) fn encode(row: &EventRow, prefix: &str) -> Outgoing {
         headers::EVENT_VERSION,
         header_value(&row.event_version).as_ref(),
     );
+    if let Some(hash) = &row.hash {
+        map.insert(headers::CHAIN_HASH, hash.as_str());
+    }
     Outgoing {
         subject: subject(
             prefix,

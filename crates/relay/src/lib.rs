@@ -34,9 +34,10 @@
 //! - **Single publisher.** The leader holds `pg_try_advisory_lock(lock_key)` on a dedicated
 //!   connection and does all its queries there, so a lost connection stops it at its next
 //!   query; standbys retry every second and take over within seconds.
-//! - **Wake-ups.** `LISTEN canopy_events` (one notification per appending commit), a poll every
-//!   `poll_interval` as a safety net, and a quick re-poll while committed events wait beyond the
-//!   horizon.
+//! - **Wake-ups.** `LISTEN canopy_events` (the event store notifies after its commits, one
+//!   notification per burst of them, never inside the appending transaction), a poll every
+//!   `poll_interval` as a safety net and for writers that do not notify, and a quick re-poll
+//!   while committed events wait beyond the horizon.
 //!
 //! # The contract for consumers (any language)
 //!
@@ -49,8 +50,9 @@
 //! - **Headers**: `Nats-Msg-Id` = event id; `ce-specversion: 1.0`, `ce-id` (event id),
 //!   `ce-source: canopy`, `ce-type` (event type), `ce-time` (recorded_at, RFC 3339 UTC),
 //!   `ce-subject: <aggregate_type>/<aggregate_id>`, `content-type: application/json`,
-//!   `canopy-sequence`, `canopy-position`, `canopy-transaction-id`, `canopy-event-version`;
-//!   and the relay's fence `Nats-Expected-Last-Sequence` (ignore it).
+//!   `canopy-sequence`, `canopy-position`, `canopy-transaction-id`, `canopy-event-version`,
+//!   `canopy-chain-hash` (the event's hash chain link, hex: the stream's head as of this event,
+//!   kept outside the database for auditors); and the relay's fence `Nats-Expected-Last-Sequence` (ignore it).
 //! - **Body**: the JSON [`Envelope`]: `id`, `type`, `version`, `aggregate_type`,
 //!   `aggregate_id`, `sequence`, `position`, `transaction_id`, `recorded_at` (RFC 3339),
 //!   `metadata` (`actor_id`, `actor_name`, `actor_kind`, `correlation_id`, `request_id`, and
@@ -76,10 +78,10 @@
 //! [`republish`] repairs that. Keep `duplicate_window` longer than a relay's worst restart or
 //! failover time.
 
-mod backoff;
 mod config;
 mod db;
 mod envelope;
+pub mod history;
 mod publish;
 mod relay;
 mod republish;
@@ -93,7 +95,7 @@ pub use envelope::{Envelope, EnvelopeMetadata, StoredEvent, headers, subject, su
 pub use relay::{NOTIFY_CHANNEL, Relay, run};
 pub use republish::{Lag, RepublishReport, measure_lag, republish};
 pub use status::{RelayStatus, metric};
-pub use stream::{ensure_stream, stream_config};
+pub use stream::{ensure_stream, stream_config, wait_for_stream};
 
 /// A place in relay order: `(transaction_id, position)`, compared in that order.
 #[derive(

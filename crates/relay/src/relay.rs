@@ -18,15 +18,16 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
-use crate::envelope::{EventRow, encode};
+use crate::envelope::encode;
 use crate::publish::{Pipeline, is_fence_refusal};
 use crate::status::{RelayStatus, Shared};
 use crate::stream::{TailEvent, context, ensure, last_sequence, tail};
-use crate::{Cursor, RelayConfig, RelayError, db};
+use crate::{Cursor, RelayConfig, RelayError, StoredEvent, db};
+use canopy_process::Backoff;
 
-/// The channel the append trigger notifies on each commit that appended events.
-pub const NOTIFY_CHANNEL: &str = "canopy_events";
+/// The channel [`AggregateStore`](canopy_event_store::AggregateStore) notifies after commits
+/// that appended events.
+pub use canopy_event_store::NOTIFY_CHANNEL;
 
 /// One relay: a candidate publisher. Any number may run against one database; one leads.
 #[derive(Debug)]
@@ -504,7 +505,7 @@ impl<'r> Leader<'r> {
 /// Publishes `rows` in order until the pipeline breaks on a duplicate.
 async fn publish_rows(
     pipeline: &mut Pipeline,
-    rows: &[EventRow],
+    rows: &[StoredEvent],
     prefix: &str,
     relay: &Relay,
     acked: &mut Cursor,

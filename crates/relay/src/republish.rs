@@ -5,11 +5,11 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use crate::backoff::Backoff;
 use crate::envelope::encode;
 use crate::publish::{Pipeline, is_fence_refusal};
 use crate::stream::{context, ensure, last_sequence};
 use crate::{Cursor, RelayConfig, RelayError, db};
+use canopy_process::Backoff;
 
 /// What [`republish`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -110,8 +110,13 @@ async fn feed(
 ) -> Result<bool, RelayError> {
     let mut read_from = after;
     loop {
-        let rows =
-            db::read_batch_from_position(pool, read_from, from_position, config.batch_size).await?;
+        let rows = crate::history::events_after(
+            pool,
+            crate::history::Scope::FromPosition(from_position),
+            read_from,
+            config.batch_size,
+        )
+        .await?;
         for row in &rows {
             pipeline
                 .push(row.cursor(), encode(row, &config.subject_prefix))

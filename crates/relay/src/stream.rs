@@ -96,3 +96,31 @@ pub(crate) async fn last_sequence(js: &jetstream::Context, name: &str) -> Result
     let stream = js.get_stream(name).await.map_err(RelayError::StreamInfo)?;
     Ok(stream.cached_info().state.last_sequence)
 }
+
+/// The event stream named `name`, once the relay has created it: consumers started before the
+/// relay wait here (backing off up to 5 s between looks). `None` when `stop` turns true first.
+pub async fn wait_for_stream(
+    jetstream: &async_nats::jetstream::Context,
+    name: &str,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<async_nats::jetstream::stream::Stream> {
+    let mut backoff = canopy_process::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        match jetstream.get_stream(name).await {
+            Ok(stream) => return Some(stream),
+            Err(error) => {
+                tracing::info!(%error, stream = name, "waiting for the event stream");
+                tokio::select! {
+                    _ = stop.changed() => return None,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}

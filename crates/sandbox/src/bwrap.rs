@@ -15,12 +15,18 @@ use std::path::{Path, PathBuf};
 
 use crate::egress::EgressPolicy;
 use crate::limits::{Cgroup, Limits};
+use crate::mode::{ROOTLESS_SANDBOX_UID, SandboxMode};
 use crate::tool_shell::ToolShellLimits;
 
 /// Where a sandbox's directories are on the host, under the provider's root.
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     pub(crate) dir: PathBuf,
+    /// Root's, mode 0711: what the sandbox writes that stays on disk (workspace, home, run)
+    /// lives under it. As root it is the mount point of [`Layout::image`] (`crate::disk`).
+    pub(crate) data: PathBuf,
+    /// Root's, mode 0600: the sandbox's ext4 image (root mode only).
+    pub(crate) image: PathBuf,
     /// Owned by the sandbox uid, mode 0700: `/workspace`.
     pub(crate) workspace: PathBuf,
     /// Owned by the sandbox uid, mode 0700: `/home/sandbox` (OpenCode's database lives here).
@@ -66,10 +72,13 @@ const CPU_GRACE_SECONDS: u64 = 5;
 impl Layout {
     pub(crate) fn new(root: &Path, id: &str) -> Self {
         let dir = root.join(id);
+        let data = dir.join("data");
         Self {
-            workspace: dir.join("workspace"),
-            home: dir.join("home"),
-            run: dir.join("run"),
+            workspace: data.join("workspace"),
+            home: data.join("home"),
+            run: data.join("run"),
+            image: dir.join("disk.img"),
+            data,
             host: dir.join("host"),
             control: dir.join("control"),
             etc: dir.join("etc"),
@@ -77,7 +86,16 @@ impl Layout {
         }
     }
 
-    /// The synthetic files bound into the sandbox, by name under [`Layout::etc`].
+    /// The sandbox's id (the name of its directory).
+    pub(crate) fn id(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The synthetic files bound into the sandbox, by name under [`Layout::etc`]; `uid` is the
+    /// one its processes see as their own.
     pub(crate) fn etc_files(
         uid: u32,
         limits: &Limits,
@@ -135,8 +153,17 @@ pub(crate) fn as_uid(uid: u32) -> Vec<String> {
 
 /// The full command: join the cgroup, set rlimits, drop to the uid, bwrap. Run with an empty
 /// environment (bwrap's init keeps the env it was started with, visible at `/proc/1/environ`).
+///
+/// Rootless, there is no uid to drop to: bwrap runs as the invoking user, maps it to
+/// [`ROOTLESS_SANDBOX_UID`] in its user namespace and drops every capability, and the rlimits
+/// are set inside, after the namespace exists. `RLIMIT_NPROC` is counted per user per user
+/// namespace (and checked up the chain against the limit of the namespace's creator): set on
+/// bwrap, it would count every process of the invoking user host-wide; set inside, it counts the
+/// sandbox's own.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn command_line(
     layout: &Layout,
+    mode: SandboxMode,
     uid: u32,
     binaries: &Binaries,
     limits: &Limits,
@@ -147,36 +174,53 @@ pub(crate) fn command_line(
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
     // Joining the cgroup first makes every later process, bwrap's included, a member.
+    // The seccomp filter is opened here, as root, on fd 9, which bwrap reads (`--seccomp 9`).
     push(&[
         "/bin/sh",
         "-c",
-        "while [ \"$1\" != -- ]; do echo $$ > \"$1\" || exit 97; shift; done; shift; exec /usr/bin/env -i \"$@\"",
+        "exec 9<\"$1\" || exit 96; shift; while [ \"$1\" != -- ]; do echo $$ > \"$1\" || exit 97; shift; done; shift; exec /usr/bin/env -i \"$@\"",
         "sh",
     ]);
+    argv.push(layout.etc.join(crate::seccomp::FILE).into_os_string());
     for file in cgroup.map(Cgroup::procs_files).unwrap_or_default() {
         argv.push(file.into_os_string());
     }
-    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
-    push(&["--", "/usr/bin/prlimit"]);
-    let rlimits = [
+    argv.push("--".into());
+    let prlimit: Vec<OsString> = [
+        "/usr/bin/prlimit".to_owned(),
         format!("--nproc={}", limits.nproc),
-        format!("--fsize={}", limits.file_size_bytes),
+        // No one file larger than the disk quota (rootless, the quota is only checked).
+        format!("--fsize={}", limits.file_size_bytes.min(limits.disk.bytes)),
         format!("--cpu={}", limits.process_cpu_seconds),
         "--core=0".to_owned(),
-    ];
-    argv.extend(rlimits.iter().map(OsString::from));
-    argv.push("--".into());
-    argv.extend(as_uid(uid).into_iter().map(OsString::from));
+        "--".to_owned(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect();
+    if mode == SandboxMode::Root {
+        argv.extend(prlimit.iter().cloned());
+        argv.extend(as_uid(uid).into_iter().map(OsString::from));
+    }
     let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
     push(&[
         "/usr/bin/bwrap",
         "--unshare-all",
         "--unshare-user",
         "--disable-userns",
+    ]);
+    if mode == SandboxMode::Rootless {
+        let inside = ROOTLESS_SANDBOX_UID.to_string();
+        // bwrap run by root keeps its capabilities (and the bounding set) unless told.
+        push(&["--uid", &inside, "--gid", &inside, "--cap-drop", "ALL"]);
+    }
+    push(&[
         "--hostname",
         "sandbox",
         "--die-with-parent",
         "--new-session",
+        "--seccomp",
+        "9",
         "--ro-bind",
         "/usr",
         "/usr",
@@ -279,9 +323,17 @@ pub(crate) fn command_line(
     for (key, value) in egress_env(egress) {
         push(&["--setenv", key, &value]);
     }
+    if let Inner::OpenCode { config_json } = inner {
+        push(&["--setenv", "OPENCODE_CONFIG_CONTENT", config_json]);
+    }
     let egress_bridge = egress_bridge(egress);
+    argv.push("--".into());
+    if mode == SandboxMode::Rootless {
+        argv.extend(prlimit);
+    }
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(OsString::from));
     match inner {
-        Inner::OpenCode { config_json } => {
+        Inner::OpenCode { .. } => {
             // The password goes from a file into OpenCode's environment only: not the
             // bridges', not an argument. The host deletes the file once OpenCode is healthy.
             let script = format!(
@@ -292,18 +344,17 @@ pub(crate) fn command_line(
                  export OPENCODE_SERVER_PASSWORD\n\
                  exec opencode serve --hostname 127.0.0.1 --port {OPENCODE_PORT}\n"
             );
-            push(&["--setenv", "OPENCODE_CONFIG_CONTENT", config_json]);
-            push(&["--", "/bin/sh", "-c", &script]);
+            push(&["/bin/sh", "-c", &script]);
         }
         Inner::Script { script, args } => {
             if egress_bridge.is_empty() {
-                push(&["--", "/bin/bash", "-c", script, "bash"]);
+                push(&["/bin/bash", "-c", script, "bash"]);
             } else {
                 // The script is an argument, not spliced into the bridge's shell text.
                 let wrapper = format!(
                     "{egress_bridge}script=$1; shift; exec /bin/bash -c \"$script\" bash \"$@\"\n"
                 );
-                push(&["--", "/bin/sh", "-c", &wrapper, "sh", script]);
+                push(&["/bin/sh", "-c", &wrapper, "sh", script]);
             }
             argv.extend(args.iter().map(OsString::from));
         }

@@ -64,6 +64,25 @@ pub enum Error {
         "canopy-sandbox-shell not found ({looked}); build it with cargo build -p canopy-sandbox"
     )]
     ShellBinaryNotFound { looked: String },
+    #[error("{what} printed more than {limit} bytes on {stream}; it was stopped")]
+    OutputTooLarge {
+        what: String,
+        stream: &'static str,
+        limit: usize,
+    },
+    #[error(
+        "sandbox {id} is over its disk quota ({used_bytes} bytes and {used_inodes} inodes used, \
+         {quota_bytes} and {quota_inodes} allowed); it starts again once under it"
+    )]
+    DiskQuotaExceeded {
+        id: String,
+        used_bytes: u64,
+        used_inodes: u64,
+        quota_bytes: u64,
+        quota_inodes: u64,
+    },
+    #[error("invalid disk quota: {reason}")]
+    InvalidDiskQuota { reason: String },
     #[error("opencode client: {0}")]
     OpenCode(#[from] canopy_opencode::Error),
 }

@@ -129,21 +129,28 @@ fn clean_git(program: &mut Command, home: &Path) {
         .current_dir("/");
 }
 
-/// `git` as `uid`: no groups, no capabilities, no new privileges.
-fn git_as(uid: u32, allowed: &[String]) -> Command {
-    let setpriv = crate::bwrap::as_uid(uid);
-    let mut command = Command::new(&setpriv[0]);
-    command.args(&setpriv[1..]).arg("git");
+/// `git` as `uid` (no groups, no capabilities, no new privileges), or as this process when
+/// `None` (rootless: there is no other uid to be); the environment and options are the same.
+fn git_as(uid: Option<u32>, allowed: &[String]) -> Command {
+    let mut command = match uid {
+        Some(uid) => {
+            let setpriv = crate::bwrap::as_uid(uid);
+            let mut command = Command::new(&setpriv[0]);
+            command.args(&setpriv[1..]).arg("git");
+            command
+        }
+        None => Command::new("git"),
+    };
     clean_git(&mut command, Path::new("/nonexistent"));
     command.args(protocol_options(allowed));
     command
 }
 
-/// Clones `repository` into `staging` (an empty directory owned by `uid`) as `uid`, then
-/// creates `branch` there. Killed at the timeout or once the directory passes `max_bytes`
+/// Clones `repository` into `staging` (an empty directory owned by `uid`) as `uid` (`None`:
+/// as this process, rootless), then creates `branch` there. Killed at the timeout or once the directory passes `max_bytes`
 /// (its size is polled every 100 ms).
 pub(crate) fn clone_as(
-    uid: u32,
+    uid: Option<u32>,
     repository: &str,
     branch: &str,
     staging: &Path,
@@ -173,7 +180,7 @@ pub(crate) fn clone_as(
         // Its own group, so a kill reaches the transport helpers too.
         .process_group(0);
     let mut child = command.spawn().map_err(|source| Error::Spawn {
-        program: "git clone (through setpriv)".to_owned(),
+        program: "git clone".to_owned(),
         source,
     })?;
     let began = Instant::now();
@@ -610,18 +617,28 @@ mod tests {
 
     #[test]
     fn the_bundle_is_taken_only_as_a_small_regular_file_of_the_uid() {
-        let uid = 620_999;
+        // As root the bundle is handed to a sandbox uid; as a normal user (rootless) the
+        // sandbox's uid is the test's own, and a file of it is checked against another uid.
+        let own = rustix::process::geteuid().as_raw();
+        let root = own == 0;
+        let uid = if root { 620_999 } else { own };
+        let give = |path: &Path| {
+            if root {
+                std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+            }
+        };
         let workspace = tempfile::tempdir().unwrap();
         let scratch = tempfile::tempdir().unwrap();
         let bundle = workspace.path().join(PUSH_BUNDLE);
         let secret = scratch.path().join("host-secret");
         std::fs::write(&secret, "host only").unwrap();
-        let take = |name: &str, max: u64| {
+        let take_as = |uid: u32, name: &str, max: u64| {
             take_bundle(workspace.path(), uid, max, &scratch.path().join(name))
         };
+        let take = |name: &str, max: u64| take_as(uid, name, max);
 
         std::fs::write(&bundle, "bundle bytes").unwrap();
-        std::os::unix::fs::chown(&bundle, Some(uid), Some(uid)).unwrap();
+        give(&bundle);
         take("ok", 1024).unwrap();
         assert_eq!(
             std::fs::read_to_string(scratch.path().join("ok")).unwrap(),
@@ -640,16 +657,22 @@ mod tests {
 
         let fifo = Command::new("mkfifo").arg(&bundle).status().unwrap();
         assert!(fifo.success());
-        std::os::unix::fs::lchown(&bundle, Some(uid), Some(uid)).unwrap();
+        give(&bundle);
         let error = take("fifo", 1024).unwrap_err();
         assert!(error.to_string().contains("not a regular file"), "{error}");
 
-        std::fs::write(&bundle, "owned by root").unwrap();
-        let error = take("root", 1024).unwrap_err();
-        assert!(error.to_string().contains("owned by uid 0"), "{error}");
+        // Owned by someone else than the sandbox uid: root's as root; rootless, the test's
+        // own file taken for another uid.
+        std::fs::write(&bundle, "owned by another").unwrap();
+        let expected = if root { uid } else { own + 1 };
+        let error = take_as(expected, "other", 1024).unwrap_err();
+        assert!(
+            error.to_string().contains(&format!("owned by uid {own}")),
+            "{error}"
+        );
 
         std::fs::write(&bundle, vec![0u8; 2048]).unwrap();
-        std::os::unix::fs::chown(&bundle, Some(uid), Some(uid)).unwrap();
+        give(&bundle);
         let error = take("big", 1024).unwrap_err();
         assert!(error.to_string().contains("over 1024"), "{error}");
         assert!(!scratch.path().join("link").exists());

@@ -22,7 +22,15 @@ pub enum StopReason {
     Idle,
     /// The session was archived; the sandbox and its workspace are gone.
     Archived,
+    /// It was found over its disk quota and stopped (rootless: the quota is a check). Announced
+    /// when the next use finds it so, before it starts again.
+    DiskQuota,
+    /// It ended on its own (wall-time cap, crash); announced like [`StopReason::DiskQuota`].
+    Exited,
 }
+
+/// In an exit's status when the provider stopped the sandbox over its disk quota.
+pub const DISK_QUOTA_EXIT: &str = "stopped over its disk quota";
 
 /// A start or stop, for the runner to record.
 #[derive(Debug, Clone)]
@@ -74,14 +82,23 @@ impl SandboxManager {
         let slot = self.slot(&spec.id);
         let mut guard = slot.lock().await;
         guard.generation += 1;
-        // A sandbox that died on its own (wall-time cap, crash) is started again.
-        if guard.running.is_some()
-            && !matches!(
-                self.provider.status(&spec.id).await?,
-                SandboxStatus::Running { .. }
-            )
-        {
-            guard.running = None;
+        // A sandbox that died on its own (wall-time cap, disk quota, crash) is started again;
+        // its end is announced first.
+        if guard.running.is_some() {
+            let reason = match self.provider.status(&spec.id).await? {
+                SandboxStatus::Running { .. } => None,
+                SandboxStatus::Exited { status } if status.contains(DISK_QUOTA_EXIT) => {
+                    Some(StopReason::DiskQuota)
+                }
+                _ => Some(StopReason::Exited),
+            };
+            if let Some(reason) = reason {
+                guard.running = None;
+                let _ = self.events.send(LifecycleEvent::Stopped {
+                    id: spec.id.clone(),
+                    reason,
+                });
+            }
         }
         let info = match &guard.running {
             Some(info) => info.clone(),

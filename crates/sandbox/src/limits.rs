@@ -37,6 +37,8 @@ pub struct Limits {
     pub file_size_bytes: u64,
     /// Size of the private `/tmp`.
     pub tmp_bytes: u64,
+    /// What the sandbox may keep on the host's disk (workspace, home and `run` together).
+    pub disk: crate::disk::DiskQuota,
     /// The sandbox is stopped this long after it started, whatever it is doing.
     pub max_wall_time: Duration,
 }
@@ -52,6 +54,7 @@ impl Default for Limits {
             command_address_space_bytes: 4 << 30,
             file_size_bytes: 4 << 30,
             tmp_bytes: 512 << 20,
+            disk: crate::disk::DiskQuota::default(),
             max_wall_time: Duration::from_secs(8 * 3600),
         }
     }
@@ -75,6 +78,46 @@ impl CgroupSupport {
     /// Detects the layout and checks that a group can be created (and removed) under it.
     pub fn detect() -> Self {
         Self::detect_at(Path::new("/sys/fs/cgroup"))
+    }
+
+    /// Rootless: sandboxes' groups go under `canopy-sandbox` in the cgroup v2 group this
+    /// process is in, when it is a subtree delegated to this user (writable, and the kernel lets
+    /// it enable memory and pids for its children, which it refuses while processes live in it).
+    pub fn detect_delegated() -> Self {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Self::detect_delegated_at(Path::new("/sys/fs/cgroup"), &own)
+    }
+
+    /// [`CgroupSupport::detect_delegated`] with `base` for `/sys/fs/cgroup` and `proc_cgroup`
+    /// for the contents of `/proc/self/cgroup`.
+    fn detect_delegated_at(base: &Path, proc_cgroup: &str) -> Self {
+        if !base.join("cgroup.controllers").is_file() {
+            return Self::Unavailable {
+                reason: format!(
+                    "rootless sandboxes use only a delegated cgroup v2 subtree, and {} is not cgroup v2",
+                    base.display()
+                ),
+            };
+        }
+        let Some(own) = proc_cgroup
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+        else {
+            return Self::Unavailable {
+                reason: "this process is in no cgroup v2 group".to_owned(),
+            };
+        };
+        let own = base.join(own.trim().trim_start_matches('/'));
+        if let Err(error) = std::fs::write(own.join("cgroup.subtree_control"), "+memory +pids") {
+            return Self::Unavailable {
+                reason: format!(
+                    "cannot enable memory and pids for the children of {} (this process's cgroup; \
+                     rootless sandboxes need it delegated and free of processes): {error}",
+                    own.display()
+                ),
+            };
+        }
+        Self::detect_at(&own)
     }
 
     /// [`CgroupSupport::detect`] with `base` for `/sys/fs/cgroup` (a temp dir in tests).
@@ -386,6 +429,49 @@ mod tests {
             other => panic!("expected unavailable, got {other:?}"),
         }
         assert!(!base.path().join(PARENT).exists(), "nothing created");
+    }
+
+    #[test]
+    fn rootless_detection_uses_only_the_delegated_v2_group_of_the_process() {
+        // A v1 (or hybrid) host: nothing is tried.
+        let v1 = tempfile::tempdir().unwrap();
+        for hierarchy in ["memory", "pids"] {
+            std::fs::create_dir(v1.path().join(hierarchy)).unwrap();
+        }
+        match CgroupSupport::detect_delegated_at(v1.path(), "4:memory:/x\n0::/\n") {
+            CgroupSupport::Unavailable { reason } => {
+                assert!(reason.contains("is not cgroup v2"), "{reason}")
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert!(!v1.path().join("memory").join(PARENT).exists());
+
+        // v2: the group goes under the process's own cgroup, not the root.
+        let base = tempfile::tempdir().unwrap();
+        std::fs::write(base.path().join("cgroup.controllers"), V2_CONTROLLERS).unwrap();
+        let own = base.path().join("user.slice/user-1001.slice/runner.scope");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(own.join("cgroup.controllers"), V2_CONTROLLERS).unwrap();
+        let support = CgroupSupport::detect_delegated_at(
+            base.path(),
+            "0::/user.slice/user-1001.slice/runner.scope\n",
+        );
+        assert_eq!(
+            support,
+            CgroupSupport::V2 {
+                root: own.join(PARENT)
+            }
+        );
+        assert_eq!(read(&own.join("cgroup.subtree_control")), "+memory +pids");
+        assert!(!base.path().join(PARENT).exists(), "nothing at the root");
+
+        // Not writable (here: not there at all): unavailable, saying where and why.
+        match CgroupSupport::detect_delegated_at(base.path(), "0::/system.slice/gone.service\n") {
+            CgroupSupport::Unavailable { reason } => {
+                assert!(reason.contains("system.slice/gone.service"), "{reason}")
+            }
+            other => panic!("expected unavailable, got {other:?}"),
+        }
     }
 
     #[test]

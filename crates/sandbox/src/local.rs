@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,10 +21,12 @@ use tokio::time::Instant;
 
 use crate::Error;
 use crate::bwrap::{self, Binaries, Inner, Layout};
+use crate::disk::{self, DiskUsage};
 use crate::egress::{EgressPolicy, EgressProxy, EgressStats};
 use crate::git::{self, CloneConfig};
 use crate::limits::{Cgroup, CgroupSupport, Limits};
-use crate::model_proxy::{ModelProxy, ModelUpstream};
+use crate::mode::SandboxMode;
+use crate::model_proxy::{ModelProxy, ModelProxyLimits, ModelUpstream, ModelUsage};
 use crate::provider::{
     Commit, CommitRequest, ExecOutput, ExecRequest, PushRequest, SandboxInfo, SandboxProvider,
     SandboxSpec, SandboxStatus,
@@ -35,8 +37,10 @@ use crate::uid::UidLease;
 /// How the local provider runs sandboxes.
 #[derive(Debug, Clone)]
 pub struct BubblewrapConfig {
-    /// Where sandboxes live (`<root>/<id>/{workspace,home,run,host,control,etc}`). It and every
-    /// parent must be root's and not writable by the sandbox uids.
+    /// Where sandboxes live (`<root>/<id>/{data/{workspace,home,run},disk.img,host,control,etc}`,
+    /// `data` the mount point of the `disk.img` quota as root). As root, it
+    /// and every parent must be root's and not writable by the sandbox uids; rootless, the
+    /// invoking user's.
     pub root: PathBuf,
     /// The uids handed to sandboxes, one each.
     pub uids: Range<u32>,
@@ -44,6 +48,8 @@ pub struct BubblewrapConfig {
     pub uid_lock_dir: PathBuf,
     /// The model the host-side proxy forwards to, and its key.
     pub model: ModelUpstream,
+    /// What each sandbox's model calls may use (its token budget among them).
+    pub model_limits: ModelProxyLimits,
     pub limits: Limits,
     /// `None`: `canopy_opencode::opencode_binary()`.
     pub opencode_binary: Option<PathBuf>,
@@ -57,6 +63,12 @@ pub struct BubblewrapConfig {
     pub stop_timeout: Duration,
     /// Whether sandboxes may reach package registries; [`EgressPolicy::Deny`] by default.
     pub egress: EgressPolicy,
+    /// How much of an exec's stdout, and of its stderr, the host reads; a command that prints
+    /// more is killed and the exec fails with [`Error::OutputTooLarge`].
+    pub exec_output_bytes: usize,
+    /// Run [`SandboxMode::Rootless`] even as root (a normal user always does); `uids` and
+    /// `uid_lock_dir` then go unused.
+    pub force_rootless: bool,
 }
 
 impl BubblewrapConfig {
@@ -66,6 +78,7 @@ impl BubblewrapConfig {
             uids: 620_000..621_000,
             uid_lock_dir: PathBuf::from("/run/canopy-sandbox/uids"),
             model,
+            model_limits: ModelProxyLimits::default(),
             limits: Limits::default(),
             opencode_binary: None,
             shell_binary: None,
@@ -73,6 +86,8 @@ impl BubblewrapConfig {
             startup_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
             egress: EgressPolicy::Deny,
+            exec_output_bytes: 16 << 20,
+            force_rootless: false,
         }
     }
 }
@@ -85,22 +100,33 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The API key OpenCode is configured with inside: a placeholder, the proxy adds the real one.
 pub const SANDBOX_API_KEY_PLACEHOLDER: &str = "sandbox-has-no-key";
 
-/// Sandboxes on this host with bubblewrap. Needs root, `bwrap`, `setpriv`, `prlimit`, `socat`.
+/// Sandboxes on this host with bubblewrap. Needs `bwrap`, `prlimit`, `socat`, and as root
+/// `setpriv`; see [`SandboxMode`] for what running it as a normal user changes.
 #[derive(Debug)]
 pub struct BubblewrapProvider {
     config: BubblewrapConfig,
+    mode: SandboxMode,
     cgroups: CgroupSupport,
     binaries: Binaries,
+    /// Whether each sandbox's disk is an image of its own (root mode, where mounting works);
+    /// otherwise its quota is a periodic check.
+    disk_hard: bool,
     sandboxes: tokio::sync::Mutex<HashMap<String, Entry>>,
 }
 
 #[derive(Debug)]
 struct Entry {
-    lease: UidLease,
+    /// The host uid that owns the sandbox's files and processes: its leased uid as root, this
+    /// process's own rootless.
+    uid: u32,
+    /// Held while the entry exists (root mode only).
+    _lease: Option<UidLease>,
     layout: Layout,
     cgroup: Option<Cgroup>,
     /// Serves every process of the sandbox (OpenCode and execs) while the entry exists.
     egress: Option<EgressProxy>,
+    /// The sandbox's model calls across its starts, held against its token budget.
+    model_usage: Arc<ModelUsage>,
     running: Option<Running>,
 }
 
@@ -115,6 +141,10 @@ struct Running {
     wall_timer: tokio::task::JoinHandle<()>,
     /// Set when the wall-time cap killed the sandbox.
     wall_time_hit: Arc<AtomicBool>,
+    /// Rootless: measures the disk usage and kills the sandbox over its quota.
+    disk_watch: Option<tokio::task::JoinHandle<()>>,
+    /// What the sandbox used when the disk watch killed it.
+    disk_hit: Arc<Mutex<Option<DiskUsage>>>,
 }
 
 impl BubblewrapProvider {
@@ -140,21 +170,117 @@ impl BubblewrapProvider {
                 SHELL_BINARY,
             )?,
         };
-        let cgroups = CgroupSupport::detect();
-        cgroups.sweep(|uid| UidLease::acquire(&config.uid_lock_dir, &(uid..uid + 1), None).ok());
+        config.limits.disk.validate()?;
+        let mode = SandboxMode::decide(config.force_rootless);
+        let cgroups = match mode {
+            SandboxMode::Root => {
+                // Disks a crashed run left mounted, of uids no live provider leases.
+                disk::sweep(&config.root, |uid| {
+                    UidLease::acquire(&config.uid_lock_dir, &(uid..uid + 1), None).ok()
+                });
+                let cgroups = CgroupSupport::detect();
+                cgroups.sweep(|uid| {
+                    UidLease::acquire(&config.uid_lock_dir, &(uid..uid + 1), None).ok()
+                });
+                cgroups
+            }
+            SandboxMode::Rootless => CgroupSupport::detect_delegated(),
+        };
+        let disk_hard = match mode {
+            SandboxMode::Root => match disk::probe(&config.root) {
+                Ok(()) => Ok(()),
+                Err(error) => Err(error.to_string()),
+            },
+            SandboxMode::Rootless => Err("rootless: no image can be mounted".to_owned()),
+        };
+        tracing::info!(
+            mode = mode.as_str(),
+            uid = rustix::process::geteuid().as_raw(),
+            cgroups = ?cgroups,
+            disk_quota_hard = disk_hard.is_ok(),
+            "sandbox provider ready"
+        );
+        if let Err(reason) = &disk_hard {
+            tracing::warn!(
+                interval = ?config.limits.disk.check_interval,
+                %reason,
+                "sandbox disk quotas are only checked: a sandbox found over its quota is \
+                 stopped, and between two checks it can write past it"
+            );
+        }
+        let disk_hard = disk_hard.is_ok();
         if let CgroupSupport::Unavailable { reason } = &cgroups {
-            tracing::warn!(%reason, "sandboxes get no memory or pids cgroup; only rlimits hold");
+            tracing::warn!(
+                mode = mode.as_str(),
+                %reason,
+                "sandbox memory (memory.max) and process (pids.max) limits are not enforced: \
+                 no cgroup per sandbox; only the rlimits (CPU time, file size, RLIMIT_NPROC) and \
+                 the tool commands' address-space limit hold"
+            );
         }
         Ok(Self {
             config,
+            mode,
             cgroups,
             binaries,
+            disk_hard,
             sandboxes: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
     pub fn cgroups(&self) -> &CgroupSupport {
         &self.cgroups
+    }
+
+    /// Whether each sandbox's disk quota is a filesystem of its own (root mode, where this host
+    /// lets root make and loop-mount an ext4 image) rather than a periodic check (rootless, or
+    /// root without loop devices: the start-up log says why).
+    pub fn disk_quota_hard(&self) -> bool {
+        self.disk_hard
+    }
+
+    /// What the sandbox `id` keeps on disk now (its workspace, home and `run`), measured without
+    /// following any link; `None` when it is not there (or, as root, not mounted).
+    pub async fn disk_usage(&self, id: &str) -> Option<DiskUsage> {
+        validate_id(id).ok()?;
+        let layout = Layout::new(&self.config.root, id);
+        if self.disk_hard && !disk::is_mounted(&layout.data) {
+            return None;
+        }
+        tokio::task::spawn_blocking(move || {
+            disk::usage(&[&layout.workspace, &layout.home, &layout.run])
+        })
+        .await
+        .ok()
+    }
+
+    /// As root, mounts the sandbox's disk image at its `data` (made on first use; a mount a
+    /// crashed run left is reused); rootless, `data` is a plain directory.
+    fn mount_disk(&self, layout: &Layout) -> Result<(), Error> {
+        if !self.disk_hard {
+            return Ok(());
+        }
+        let io = |source| Error::Prepare {
+            path: layout.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&layout.dir).map_err(io)?;
+        std::os::unix::fs::chown(&layout.dir, Some(0), Some(0)).map_err(io)?;
+        std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io)?;
+        disk::ensure_mounted(&layout.image, &layout.data, &self.config.limits.disk)
+    }
+
+    fn unmount_disk(&self, layout: &Layout) -> Result<(), Error> {
+        if !self.disk_hard {
+            return Ok(());
+        }
+        disk::unmount(&layout.data)
+    }
+
+    /// Root or rootless, decided when the provider was made.
+    pub fn mode(&self) -> SandboxMode {
+        self.mode
     }
 
     pub fn config(&self) -> &BubblewrapConfig {
@@ -164,7 +290,7 @@ impl BubblewrapProvider {
     /// Creates the sandbox's directories and workspace without starting anything.
     pub async fn prepare(&self, spec: &SandboxSpec) -> Result<u32, Error> {
         let mut sandboxes = self.sandboxes.lock().await;
-        Ok(self.entry(&mut sandboxes, spec)?.lease.uid())
+        Ok(self.entry(&mut sandboxes, spec)?.uid)
     }
 
     /// Connects to OpenCode's socket in the sandbox, refusing anything but the sandbox's own
@@ -175,7 +301,7 @@ impl BubblewrapProvider {
             let entry = sandboxes
                 .get(id)
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
-            (entry.layout.run.clone(), entry.lease.uid())
+            (entry.layout.run.clone(), entry.uid)
         };
         connect_sandbox_socket(&run, bwrap::OPENCODE_SOCKET, uid).await
     }
@@ -198,6 +324,13 @@ impl BubblewrapProvider {
             .get(id)
             .and_then(|entry| entry.egress.as_ref())
             .map(|proxy| proxy.stats().clone())
+    }
+
+    /// What the sandbox's model calls used and what its model proxy refused, over every start
+    /// since the provider first saw it; `None` for an unknown sandbox.
+    pub async fn model_usage(&self, id: &str) -> Option<Arc<ModelUsage>> {
+        let sandboxes = self.sandboxes.lock().await;
+        sandboxes.get(id).map(|entry| entry.model_usage.clone())
     }
 
     /// Waits until the running sandbox `id` exits on its own (or is stopped), and says how.
@@ -232,38 +365,66 @@ impl BubblewrapProvider {
         validate_id(&spec.id)?;
         if !sandboxes.contains_key(&spec.id) {
             let layout = Layout::new(&self.config.root, &spec.id);
-            let previous_owner = std::fs::metadata(&layout.workspace)
-                .ok()
-                .map(|meta| meta.uid());
-            let lease =
-                UidLease::acquire(&self.config.uid_lock_dir, &self.config.uids, previous_owner)?;
-            prepare_layout(
-                &layout,
-                spec,
-                lease.uid(),
-                &self.config,
-                self.cgroups.is_available(),
-            )?;
-            sandboxes.insert(
-                spec.id.clone(),
-                Entry {
-                    lease,
-                    layout,
-                    cgroup: None,
-                    egress: None,
-                    running: None,
-                },
-            );
+            if self.disk_hard && !layout.image.exists() {
+                // Refused before an image is made; `prepare_layout` checks again.
+                git::check_scheme(&spec.repository, &self.config.clone.allowed_schemes)?;
+            }
+            self.mount_disk(&layout)?;
+            let created = self.entry_at(layout, spec);
+            if created.is_err() {
+                let _ = self.unmount_disk(&Layout::new(&self.config.root, &spec.id));
+            }
+            sandboxes.insert(spec.id.clone(), created?);
         }
         sandboxes.get_mut(&spec.id).ok_or_else(|| Error::NotFound {
             id: spec.id.clone(),
         })
     }
 
+    /// A new entry for the sandbox at `layout` (its disk mounted): its uid and directories, its
+    /// workspace cloned on first use.
+    fn entry_at(&self, layout: Layout, spec: &SandboxSpec) -> Result<Entry, Error> {
+        let previous_owner = std::fs::metadata(&layout.workspace)
+            .ok()
+            .map(|meta| meta.uid());
+        let (uid, lease) = match self.mode {
+            SandboxMode::Root => {
+                let lease = UidLease::acquire(
+                    &self.config.uid_lock_dir,
+                    &self.config.uids,
+                    previous_owner,
+                )?;
+                (lease.uid(), Some(lease))
+            }
+            SandboxMode::Rootless => (rustix::process::geteuid().as_raw(), None),
+        };
+        prepare_layout(
+            &layout,
+            spec,
+            self.mode,
+            uid,
+            &self.config,
+            self.cgroups.is_available(),
+        )?;
+        Ok(Entry {
+            uid,
+            _lease: lease,
+            layout,
+            cgroup: None,
+            egress: None,
+            model_usage: Arc::default(),
+            running: None,
+        })
+    }
+
     /// The sandbox's cgroup, (re)created before every spawn: stopping removes it, and so may
-    /// another provider's sweep while the uid is not leased.
+    /// another provider's sweep while the uid is not leased. Named by uid as root (the sweep
+    /// knows a uid's lease), by sandbox id rootless (every sandbox has the same uid).
     fn ensure_cgroup(&self, entry: &mut Entry) -> Result<(), Error> {
-        let name = format!("uid-{}", entry.lease.uid());
+        let name = match self.mode {
+            SandboxMode::Root => format!("uid-{}", entry.uid),
+            SandboxMode::Rootless => format!("sandbox-{}", entry.layout.id()),
+        };
         entry.cgroup = self
             .cgroups
             .create(&name, &self.config.limits)
@@ -282,7 +443,7 @@ impl BubblewrapProvider {
         if entry.egress.is_none() {
             entry.egress = Some(EgressProxy::start(
                 &entry.layout.host.join(bwrap::EGRESS_SOCKET),
-                entry.lease.uid(),
+                entry.uid,
                 hosts,
             )?);
         }
@@ -297,7 +458,8 @@ impl BubblewrapProvider {
     ) -> Result<std::process::Child, Error> {
         let argv = bwrap::command_line(
             &entry.layout,
-            entry.lease.uid(),
+            self.mode,
+            entry.uid,
             &self.binaries,
             &self.config.limits,
             entry.cgroup.as_ref(),
@@ -312,8 +474,8 @@ impl BubblewrapProvider {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
-        crate::spawn::spawn(command).map_err(|source| Error::Spawn {
-            program: "bwrap (through sh, prlimit and setpriv)".to_owned(),
+        canopy_process::spawn_tied(command).map_err(|source| Error::Spawn {
+            program: format!("bwrap ({} mode, through sh and prlimit)", self.mode),
             source,
         })
     }
@@ -328,15 +490,38 @@ impl BubblewrapProvider {
             }
             entry.running = None;
         }
+        self.mount_disk(&entry.layout)?;
+        if !self.disk_quota_hard() {
+            // Rootless the quota is a check: a sandbox already over it does not start (the
+            // watch would kill it during its start-up).
+            let quota = self.config.limits.disk;
+            let layout = entry.layout.clone();
+            let used = tokio::task::spawn_blocking(move || {
+                disk::usage(&[&layout.workspace, &layout.home, &layout.run])
+            })
+            .await
+            .unwrap_or_default();
+            if used.exceeds(&quota) {
+                return Err(Error::DiskQuotaExceeded {
+                    id: spec.id.clone(),
+                    used_bytes: used.bytes,
+                    used_inodes: used.inodes,
+                    quota_bytes: quota.bytes,
+                    quota_inodes: quota.inodes,
+                });
+            }
+        }
         self.ensure_cgroup(entry)?;
         self.ensure_egress(entry)?;
-        let uid = entry.lease.uid();
+        let uid = entry.uid;
         let layout = entry.layout.clone();
         crate::socket::remove_stale(&layout.run.join(bwrap::OPENCODE_SOCKET))?;
-        let proxy = ModelProxy::start(
+        let proxy = ModelProxy::start_with(
             &layout.host.join(bwrap::MODEL_SOCKET),
             uid,
             self.config.model.clone(),
+            self.config.model_limits.clone(),
+            entry.model_usage.clone(),
         )?;
         let config = OpenCodeConfig::new(ProviderConfig {
             provider_id: spec.provider_id.clone(),
@@ -401,7 +586,20 @@ impl BubblewrapProvider {
             tokio::time::sleep_until(began + wall).await;
             tracing::warn!(pid, "sandbox reached its wall-time limit; killing it");
             hit.store(true, Ordering::Relaxed);
-            kill(pid, Signal::KILL);
+            // The whole tree at once: bwrap's own death reaches its namespace only through a
+            // parent-death signal, which lands a moment later, and until then OpenCode answers.
+            for process in tree_of(pid).into_iter().rev() {
+                kill(process, Signal::KILL);
+            }
+        });
+        let disk_hit = Arc::new(Mutex::new(None));
+        let disk_watch = (!self.disk_quota_hard()).then(|| {
+            watch_disk(
+                pid,
+                layout.clone(),
+                self.config.limits.disk,
+                disk_hit.clone(),
+            )
         });
         let info = SandboxInfo {
             id: spec.id.clone(),
@@ -421,6 +619,8 @@ impl BubblewrapProvider {
             info,
             wall_timer,
             wall_time_hit,
+            disk_watch,
+            disk_hit,
         };
         let healthy = wait_healthy(
             &running,
@@ -436,10 +636,13 @@ impl BubblewrapProvider {
         if let Err(error) = healthy.and(removed) {
             kill(pid, Signal::KILL);
             running.wall_timer.abort();
+            if let Some(watch) = &running.disk_watch {
+                watch.abort();
+            }
             return Err(error);
         }
         running.info.startup = began.elapsed();
-        tracing::info!(id = %spec.id, uid, startup = ?running.info.startup, "sandbox started");
+        tracing::info!(id = %spec.id, uid, mode = self.mode.as_str(), startup = ?running.info.startup, "sandbox started");
         let info = running.info.clone();
         entry.running = Some(running);
         Ok(info)
@@ -458,44 +661,78 @@ impl BubblewrapProvider {
         args: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, Error> {
-        let child = {
+        let mut child = {
             let mut sandboxes = self.sandboxes.lock().await;
             let entry = sandboxes
                 .get_mut(id)
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
+            self.mount_disk(&entry.layout)?;
             self.ensure_cgroup(entry)?;
             self.ensure_egress(entry)?;
             self.spawn(entry, &Inner::Script { script, args }, Stdio::piped())?
         };
         let pid = child.id();
-        let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
-        let (output, timed_out) = match tokio::time::timeout(timeout, waiting).await {
-            Ok(output) => (output, false),
-            Err(waiting) => {
-                let _ = waiting;
-                kill(pid, Signal::KILL);
-                return Ok(ExecOutput {
-                    code: None,
-                    timed_out: true,
-                    stdout: String::new(),
-                    stderr: String::new(),
-                });
-            }
+        let limit = self.config.exec_output_bytes;
+        let spawn_error = |source| Error::Spawn {
+            program: "exec".to_owned(),
+            source,
         };
-        let output = output
+        let stdout = child
+            .stdout
+            .take()
+            .map(tokio::process::ChildStdout::from_std)
+            .transpose()
+            .map_err(spawn_error)?;
+        let stderr = child
+            .stderr
+            .take()
+            .map(tokio::process::ChildStderr::from_std)
+            .transpose()
+            .map_err(spawn_error)?;
+        let waiting = tokio::task::spawn_blocking(move || child.wait());
+        let finished = tokio::time::timeout(timeout, async {
+            let output = tokio::try_join!(
+                read_capped(stdout, limit, "stdout"),
+                read_capped(stderr, limit, "stderr"),
+            );
+            if output.is_err() {
+                // Past the limit: stop it now rather than read (or wait for) the rest.
+                kill(pid, Signal::KILL);
+            }
+            (output, waiting.await)
+        })
+        .await;
+        let Ok((output, status)) = finished else {
+            kill(pid, Signal::KILL);
+            return Ok(ExecOutput {
+                code: None,
+                timed_out: true,
+                stdout: String::new(),
+                stderr: String::new(),
+            });
+        };
+        let status = status
             .map_err(|error| Error::Command {
                 what: "waiting for exec".to_owned(),
                 detail: error.to_string(),
             })?
-            .map_err(|source| Error::Spawn {
-                program: "exec".to_owned(),
-                source,
-            })?;
+            .map_err(spawn_error)?;
+        let (stdout, stderr) = output.map_err(|capped| match capped {
+            Capped::TooLarge { stream } => Error::OutputTooLarge {
+                what: "the exec".to_owned(),
+                stream,
+                limit,
+            },
+            Capped::Read(error) => Error::Command {
+                what: "reading the exec's output".to_owned(),
+                detail: error.to_string(),
+            },
+        })?;
         Ok(ExecOutput {
-            code: output.status.code(),
-            timed_out,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            code: status.code(),
+            timed_out: false,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     }
 
@@ -543,7 +780,7 @@ impl BubblewrapProvider {
             let entry = sandboxes
                 .get(id)
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
-            (entry.layout.workspace.clone(), entry.lease.uid())
+            (entry.layout.workspace.clone(), entry.uid)
         };
         self.sandbox_git(id, "bundle", &git::bundle_script(), &[])
             .await?;
@@ -576,17 +813,25 @@ impl BubblewrapProvider {
     }
 
     async fn stop_sandbox(&self, id: &str) -> Result<(), Error> {
-        let (running, cgroup) = {
+        let (running, cgroup, layout) = {
             let mut sandboxes = self.sandboxes.lock().await;
             let entry = sandboxes
                 .get_mut(id)
                 .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
-            (entry.running.take(), entry.cgroup.clone())
+            (
+                entry.running.take(),
+                entry.cgroup.clone(),
+                entry.layout.clone(),
+            )
         };
         let Some(running) = running else {
-            return Ok(());
+            // An exec may have mounted the disk of a stopped sandbox.
+            return self.unmount_stopped(id, &layout).await;
         };
         running.wall_timer.abort();
+        if let Some(watch) = &running.disk_watch {
+            watch.abort();
+        }
         let mut exit = running.exit.clone();
         if exit.borrow().is_none() {
             // bwrap does not forward signals: a graceful stop is SIGTERM to OpenCode itself.
@@ -609,15 +854,32 @@ impl BubblewrapProvider {
         if let Some(cgroup) = cgroup {
             cgroup.remove().await;
         }
+        // Kept for a resume; mounted again at the next start.
+        self.unmount_stopped(id, &layout).await?;
         tracing::info!(id, "sandbox stopped");
         Ok(())
+    }
+
+    /// Unmounts the disk of `id` unless a start got in since the stop began (under the lock
+    /// every mount is made under).
+    async fn unmount_stopped(&self, id: &str, layout: &Layout) -> Result<(), Error> {
+        let sandboxes = self.sandboxes.lock().await;
+        if sandboxes
+            .get(id)
+            .is_some_and(|entry| entry.running.is_some())
+        {
+            return Ok(());
+        }
+        self.unmount_disk(layout)
     }
 
     async fn status_of(&self, id: &str) -> Result<SandboxStatus, Error> {
         validate_id(id)?;
         let sandboxes = self.sandboxes.lock().await;
         let Some(entry) = sandboxes.get(id) else {
-            let exists = Layout::new(&self.config.root, id).workspace.exists();
+            let layout = Layout::new(&self.config.root, id);
+            // As root the workspace is in the image, which is not mounted while stopped.
+            let exists = layout.workspace.exists() || layout.image.exists();
             return Ok(if exists {
                 SandboxStatus::Stopped
             } else {
@@ -629,10 +891,20 @@ impl BubblewrapProvider {
             Some(running) => match *running.exit.borrow() {
                 None => SandboxStatus::Running { pid: running.pid },
                 Some(status) => {
+                    let disk_hit = *running.disk_hit.lock().unwrap_or_else(|p| p.into_inner());
                     let cap = if running.wall_time_hit.load(Ordering::Relaxed) {
-                        " (killed at the wall-time limit)"
+                        " (killed at the wall-time limit)".to_owned()
+                    } else if let Some(used) = disk_hit {
+                        format!(
+                            " ({}: {} bytes and {} inodes used, {} and {} allowed)",
+                            crate::DISK_QUOTA_EXIT,
+                            used.bytes,
+                            used.inodes,
+                            self.config.limits.disk.bytes,
+                            self.config.limits.disk.inodes
+                        )
                     } else {
-                        ""
+                        String::new()
                     };
                     SandboxStatus::Exited {
                         status: format!("{status}{cap}; last output:\n{}", running.output.tail()),
@@ -651,7 +923,10 @@ impl BubblewrapProvider {
         if let Some(cgroup) = entry.as_ref().and_then(|entry| entry.cgroup.as_ref()) {
             cgroup.remove().await;
         }
-        let dir = Layout::new(&self.config.root, id).dir;
+        let layout = Layout::new(&self.config.root, id);
+        // Also a mount a crashed run left: the removal must never reach into a mounted image.
+        self.unmount_disk(&layout)?;
+        let dir = layout.dir;
         match std::fs::remove_dir_all(&dir) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(Error::Prepare {
                 path: dir,
@@ -706,11 +981,18 @@ impl SandboxProvider for BubblewrapProvider {
     ) -> BoxFuture<'a, Result<String, Error>> {
         Box::pin(self.push_from(id, request))
     }
+
+    fn model_usage<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<ModelUsage>>> {
+        Box::pin(BubblewrapProvider::model_usage(self, id))
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.wall_timer.abort();
+        if let Some(watch) = &self.disk_watch {
+            watch.abort();
+        }
         if self.exit.borrow().is_none() {
             kill(self.pid, Signal::KILL);
         }
@@ -748,6 +1030,45 @@ async fn wait_healthy(
     }
 }
 
+/// Rootless: measures the sandbox's workspace, home and `run` every `quota.check_interval`
+/// and, once over the quota, kills the sandbox (process tree of `pid`) and notes what it used.
+fn watch_disk(
+    pid: u32,
+    layout: Layout,
+    quota: crate::DiskQuota,
+    hit: Arc<Mutex<Option<DiskUsage>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(quota.check_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let measured = layout.clone();
+            let Ok(used) = tokio::task::spawn_blocking(move || {
+                disk::usage(&[&measured.workspace, &measured.home, &measured.run])
+            })
+            .await
+            else {
+                continue;
+            };
+            if !used.exceeds(&quota) {
+                continue;
+            }
+            tracing::warn!(
+                pid,
+                bytes = used.bytes,
+                inodes = used.inodes,
+                "sandbox is over its disk quota; killing it"
+            );
+            *hit.lock().unwrap_or_else(|p| p.into_inner()) = Some(used);
+            for process in tree_of(pid).into_iter().rev() {
+                kill(process, Signal::KILL);
+            }
+            return;
+        }
+    })
+}
+
 fn validate_id(id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 64
@@ -779,9 +1100,11 @@ fn validate_branch(branch: &str) -> Result<(), Error> {
 
 /// Creates the directories and, on first use, the workspace: cloned as the sandbox uid into a
 /// staging directory the uid owns inside the root-owned sandbox directory, then moved in place.
+/// Rootless, everything is already the invoking user's: nothing is chowned.
 fn prepare_layout(
     layout: &Layout,
     spec: &SandboxSpec,
+    mode: SandboxMode,
     uid: u32,
     config: &BubblewrapConfig,
     memory_cgroup: bool,
@@ -796,32 +1119,51 @@ fn prepare_layout(
         let path = path.to_owned();
         move |source| Error::Prepare { path, source }
     };
-    for (dir, mode) in [
+    let root_mode = mode == SandboxMode::Root;
+    for (dir, dir_mode) in [
         (&layout.dir, 0o711),
+        (&layout.data, 0o711),
         (&layout.host, 0o755),
         (&layout.control, 0o700),
         (&layout.etc, 0o755),
     ] {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir))?;
+        if root_mode {
+            std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(io(dir))?;
     }
-    for (name, content) in Layout::etc_files(uid, limits, memory_cgroup) {
+    for (name, content) in Layout::etc_files(mode.uid_inside(uid), limits, memory_cgroup) {
         let path = layout.etc.join(name);
         std::fs::write(&path, content).map_err(io(&path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
             .map_err(io(&path))?;
     }
+    let filter = layout.etc.join(crate::seccomp::FILE);
+    std::fs::write(&filter, crate::seccomp::program()).map_err(io(&filter))?;
+    std::fs::set_permissions(&filter, std::fs::Permissions::from_mode(0o644))
+        .map_err(io(&filter))?;
+    let run_as = match mode {
+        SandboxMode::Root => Some(uid),
+        SandboxMode::Rootless => None,
+    };
     if !layout.workspace.exists() {
-        let staging = layout.dir.join("workspace.new");
+        // In `data`: the clone counts against the disk quota and the rename stays on one
+        // filesystem.
+        let staging = layout.data.join("workspace.new");
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).map_err(io(&staging))?;
-        std::os::unix::fs::chown(&staging, Some(uid), Some(uid)).map_err(io(&staging))?;
+        crate::mode::chown_to(&staging, uid).map_err(io(&staging))?;
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
             .map_err(io(&staging))?;
-        if let Err(error) =
-            git::clone_as(uid, &spec.repository, &spec.branch, &staging, &config.clone)
-        {
+        if let Err(error) = git::clone_as(
+            run_as,
+            &spec.repository,
+            &spec.branch,
+            &staging,
+            &config.clone,
+        ) {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(error);
         }
@@ -833,8 +1175,9 @@ fn prepare_layout(
         if owner != uid {
             chown_tree(dir, uid)?;
         }
-        let mode = if dir == &layout.run { 0o750 } else { 0o700 };
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir))?;
+        let dir_mode = if dir == &layout.run { 0o750 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(io(dir))?;
     }
     Ok(())
 }
@@ -929,7 +1272,9 @@ fn write_password(path: &Path, password: &str, uid: u32) -> Result<(), Error> {
         .mode(0o400)
         .open(path)
         .map_err(io)?;
-    std::os::unix::fs::fchown(&file, Some(uid), Some(uid)).map_err(io)?;
+    if rustix::process::geteuid().as_raw() != uid {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(uid)).map_err(io)?;
+    }
     file.write_all(password.as_bytes()).map_err(io)
 }
 
@@ -944,23 +1289,62 @@ fn kill(pid: u32, signal: Signal) {
     }
 }
 
+/// Why [`read_capped`] stopped reading.
+enum Capped {
+    TooLarge { stream: &'static str },
+    Read(std::io::Error),
+}
+
+/// All of `pipe` (nothing when there is none), or [`Capped::TooLarge`] once it passes `limit`
+/// bytes: the host never holds more than that of what a sandbox prints.
+async fn read_capped(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    limit: usize,
+    stream: &'static str,
+) -> Result<Vec<u8>, Capped> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let Some(pipe) = pipe else {
+        return Ok(bytes);
+    };
+    pipe.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(Capped::Read)?;
+    if bytes.len() > limit {
+        return Err(Capped::TooLarge { stream });
+    }
+    Ok(bytes)
+}
+
 /// The first descendant of `pid` (breadth first) whose command name is `comm`.
 fn find_descendant(pid: u32, comm: &str) -> Option<u32> {
+    tree_of(pid).into_iter().find(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|name| name.trim() == comm)
+    })
+}
+
+/// `pid` and its descendants, breadth first (parents before their children).
+fn tree_of(pid: u32) -> Vec<u32> {
+    let mut tree = Vec::new();
     let mut queue = VecDeque::from([pid]);
     while let Some(pid) = queue.pop_front() {
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if name.trim() == comm {
-            return Some(pid);
+        tree.push(pid);
+        // Each thread lists the children it started.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            queue.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|child| child.parse::<u32>().ok()),
+            );
         }
-        let children =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        queue.extend(
-            children
-                .split_whitespace()
-                .filter_map(|child| child.parse::<u32>().ok()),
-        );
     }
-    None
+    tree
 }
 
 /// The last lines the sandbox printed, for error reports.
@@ -970,6 +1354,8 @@ struct Output {
 }
 
 const OUTPUT_LINES: usize = 40;
+/// What is kept of one line; the sandbox decides how long its lines are.
+const OUTPUT_LINE_BYTES: usize = 4096;
 
 impl Output {
     fn follow(&self, pipe: impl Read + Send + 'static) {
@@ -977,8 +1363,10 @@ impl Output {
         let spawned = std::thread::Builder::new()
             .name("sandbox-output".into())
             .spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
+                let mut pipe = BufReader::new(pipe);
+                while let Ok(Some(line)) =
+                    canopy_process::read_line_capped(&mut pipe, OUTPUT_LINE_BYTES)
+                {
                     tracing::debug!(target: "canopy_sandbox::output", "{line}");
                     let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
                     if lines.len() == OUTPUT_LINES {
@@ -995,5 +1383,29 @@ impl Output {
     fn tail(&self) -> String {
         let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_lines_are_cut_at_the_limit() {
+        let long = "x".repeat(10_000);
+        let text = format!("short\r\n{long}\nlast");
+        let mut reader = BufReader::with_capacity(64, text.as_bytes());
+        let mut lines = Vec::new();
+        while let Some(line) = canopy_process::read_line_capped(&mut reader, 100).unwrap() {
+            lines.push(line);
+        }
+        assert_eq!(
+            lines,
+            [
+                "short".to_owned(),
+                format!("{} [line cut]", "x".repeat(100)),
+                "last".to_owned()
+            ]
+        );
     }
 }

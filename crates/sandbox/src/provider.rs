@@ -30,7 +30,8 @@ pub struct SandboxSpec {
 #[derive(Debug, Clone)]
 pub struct SandboxInfo {
     pub id: String,
-    /// The unprivileged uid (and gid) everything in the sandbox runs as.
+    /// The host uid (and gid) everything in the sandbox runs as: its own unprivileged uid as
+    /// root; rootless, the invoking user's (uid 1000 inside its user namespace).
     pub uid: u32,
     /// A host-side unix socket, reachable only by root, that leads to `opencode serve` in the
     /// sandbox: give it to `canopy_opencode::ClientConfig::unix_socket`.
@@ -178,4 +179,13 @@ pub trait SandboxProvider: Send + Sync + std::fmt::Debug {
         id: &'a str,
         request: PushRequest,
     ) -> BoxFuture<'a, Result<String, Error>>;
+    /// What the sandbox's model calls used, where its model proxy counts them (to set its
+    /// ceiling); `None` when the provider has no proxy or does not know the sandbox.
+    fn model_usage<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<std::sync::Arc<crate::model_proxy::ModelUsage>>> {
+        let _ = id;
+        Box::pin(async { None })
+    }
 }

@@ -17,5 +17,5 @@ mod postgres;
 pub use canopy_scripted_model::{
     Answer, ModelServer, RecordedRequest, SCRIPTED_MODEL_ID, SCRIPTED_TITLE, Script, Step, ToolCall,
 };
-pub use nats::{NatsServer, OwnedNats, TestNats, nats, nats_server};
+pub use nats::{NatsServer, OwnedNats, TestNats, connect as connect_nats, nats, nats_server};
 pub use postgres::{PgServer, TestDb, database, pg_server};

@@ -57,7 +57,7 @@ impl Drop for TestNats {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let client = async_nats::connect(&url).await?;
+                let client = connect(&url).await?;
                 let jetstream = async_nats::jetstream::new(client);
                 let mut names = jetstream.stream_names();
                 let mut mine = Vec::new();
@@ -81,9 +81,7 @@ impl Drop for TestNats {
 /// A client on the test server with a fresh prefix.
 pub async fn nats() -> Result<TestNats> {
     let server = nats_server().await?;
-    let client = async_nats::connect(&server.url)
-        .await
-        .context("connect to NATS")?;
+    let client = connect(&server.url).await.context("connect to NATS")?;
     let jetstream = async_nats::jetstream::new(client.clone());
     Ok(TestNats {
         client,
@@ -145,7 +143,7 @@ impl OwnedNats {
 
     /// A client that reconnects for ever, and keeps trying when the server is down at first.
     pub async fn connect(&self) -> Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
+        canopy_config::nats_options(&self.url)?
             .retry_on_initial_connect()
             .connect(&self.url)
             .await
@@ -193,6 +191,12 @@ async fn wait_exit(server: &LocalServer, within: Duration) -> bool {
     true
 }
 
+/// A client of the server at `url`, with the credentials the URL carries (the local servers
+/// require them; async-nats reads none from a URL).
+pub async fn connect(url: &str) -> Result<async_nats::Client> {
+    Ok(canopy_config::nats_options(url)?.connect(url).await?)
+}
+
 fn start_nats() -> Result<NatsServer> {
     let server = start(&fresh_dir("nats")?, free_port()?)?;
     Ok(NatsServer {
@@ -204,7 +208,7 @@ fn start_nats() -> Result<NatsServer> {
 async fn wait_ready(url: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let last_error = match async_nats::connect(url).await {
+        let last_error = match connect(url).await {
             // Asked raw: async-nats 0.51 cannot parse nats-server 2.9's account info reply.
             Ok(client) => match client.request("$JS.API.INFO", "".into()).await {
                 Ok(reply) if !String::from_utf8_lossy(&reply.payload).contains("\"error\"") => {

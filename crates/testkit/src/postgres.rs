@@ -65,6 +65,18 @@ impl TestDb {
         &self.pool
     }
 
+    /// Runs `statements` as the tables' owner with every trigger off (`session_replication_role
+    /// = replica`), on a connection of its own that closes after: how tests tamper with what the
+    /// triggers guard (events, chain heads).
+    pub async fn tamper(&self, statements: &str) -> Result<()> {
+        let mut conn = PgConnection::connect(&self.url).await?;
+        sqlx::query("SET session_replication_role = replica")
+            .execute(&mut conn)
+            .await?;
+        sqlx::raw_sql(statements).execute(&mut conn).await?;
+        Ok(())
+    }
+
     /// Opens another pool on the same database (for a second "process" in a test).
     pub async fn new_pool(&self, max_connections: u32) -> Result<PgPool> {
         Ok(PgPoolOptions::new()

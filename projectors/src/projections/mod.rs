@@ -120,7 +120,12 @@ pub(crate) fn decode<E: serde::de::DeserializeOwned>(
 ) -> Result<E, ProjectionError> {
     let mut tagged = serde_json::Map::new();
     tagged.insert(event.event_type.clone(), event.data.clone());
-    Ok(serde_json::from_value(serde_json::Value::Object(tagged))?)
+    let payload = canopy_domain::upcast::upcast_payload(
+        &event.event_type,
+        &event.version,
+        serde_json::Value::Object(tagged),
+    );
+    Ok(serde_json::from_value(payload)?)
 }
 
 pub(crate) fn uuid(event: &Envelope) -> Result<uuid::Uuid, ProjectionError> {

@@ -84,7 +84,7 @@ fn summary(event: &SessionEvent, actor: &str) -> String {
             format!("The agent ran {} ({outcome}, {} ms)", e.tool, e.duration_ms)
         }
         E::AgentMessageRecorded(e) => format!("The agent said: {}", preview(&e.text)),
-        E::UsageRecorded(e) => format!("{} tokens in, {} out", e.tokens_in, e.tokens_out),
+        E::UsageRecorded(e) => format!("{} tokens in, {} out", e.input_tokens, e.output_tokens),
         E::CheckpointRequested(_) => format!("{actor} asked for a checkpoint"),
         E::CheckpointTaken(e) => format!(
             "Checkpoint {} ({} files changed)",
@@ -104,6 +104,19 @@ fn summary(event: &SessionEvent, actor: &str) -> String {
         E::SessionCompleted(_) => format!("{actor} completed the session"),
         E::SessionFailed(e) => format!("The session failed: {}", preview(&e.reason)),
         E::SessionArchived(_) => format!("{actor} archived the session"),
+        E::BudgetThresholdReached(e) => format!(
+            "The {} budget ({}) is {}% used: {} of {} {}",
+            e.budget,
+            if e.scope.starts_with("person:") {
+                "a person's"
+            } else {
+                e.scope.split(':').next().unwrap_or("")
+            },
+            e.percent,
+            e.spent,
+            e.limit,
+            e.budget.unit()
+        ),
     }
 }
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use canopy_domain::session::SessionPolicy;
 use canopy_domain::session::{CheckpointTrigger, ToolPhase, ToolStatus};
 use canopy_domain::{Actor, Feature, FeatureCommand, Role, Session, SessionCommand};
 use canopy_event_store::{ActorKind, AggregateStore, EventMetadata, StoreConfig};
@@ -134,6 +135,32 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Rebuilds every projection into its shadow tables and asserts they equal the live ones.
+    pub(crate) async fn assert_every_read_model_equals_its_rebuild(&self, context: &str) {
+        for projection in canopy_projectors::Projection::ALL {
+            canopy_projectors::rebuild(
+                self.pool(),
+                projection,
+                &canopy_projectors::RebuildOptions {
+                    batch_size: 500,
+                    swap: false,
+                },
+            )
+            .await
+            .unwrap();
+            let differences = canopy_projectors::compare_with_shadow(self.pool(), projection)
+                .await
+                .unwrap();
+            assert!(
+                differences.is_empty(),
+                "{context} {}: {differences:?}",
+                projection.name()
+            );
+        }
+    }
+}
+
 impl Drop for Pipeline {
     fn drop(&mut self) {
         if let Some((stop, _)) = self.relay.take() {
@@ -171,7 +198,13 @@ pub(crate) fn runner() -> Actor {
 pub(crate) async fn session(store: &AggregateStore, id: Uuid, command: SessionCommand) {
     let actor = command.actor().clone();
     store
-        .execute::<Session>(&id.to_string(), command, &(), &meta(&actor), None)
+        .execute::<Session>(
+            &id.to_string(),
+            command,
+            &SessionPolicy::default(),
+            &meta(&actor),
+            None,
+        )
         .await
         .unwrap_or_else(|e| panic!("session command refused: {e}"));
 }

@@ -152,14 +152,21 @@ impl Hub {
     /// Consumes the process's one subscription to session events until it ends.
     pub(crate) async fn run(self: Arc<Self>, mut subscriber: async_nats::Subscriber) {
         while let Some(message) = subscriber.next().await {
-            let Ok(envelope) = serde_json::from_slice::<Envelope>(&message.payload) else {
-                metrics::counter!("canopy_live_unreadable_total").increment(1);
-                continue;
+            let envelope = match serde_json::from_slice::<Envelope>(&message.payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    // not skipped for the session's streams: the next event they get finds the
+                    // gap and reads it from the store, where it ends them as unreadable
+                    metrics::counter!("canopy_live_unreadable_total", "source" => "nats")
+                        .increment(1);
+                    tracing::warn!(%error, subject = %message.subject, "a live event does not decode");
+                    continue;
+                }
             };
             let Ok(session_id) = envelope.aggregate_id.parse::<Uuid>() else {
                 continue;
             };
-            let workspace = self.workspace_of(session_id, &envelope).await;
+            let workspace = self.workspace_of(session_id).await;
             let item = Item::Event(Arc::new(envelope));
             self.deliver(&Key::Session(session_id), &item);
             if let Some(workspace) = workspace {
@@ -168,16 +175,10 @@ impl Hub {
         }
     }
 
-    /// The workspace of a session: from its SessionStarted when that is the event at hand,
-    /// else remembered, else read once from the event store.
-    async fn workspace_of(&self, session_id: Uuid, envelope: &Envelope) -> Option<String> {
-        if let Some(workspace) = envelope.data.get("workspace_id").and_then(|w| w.as_str())
-            && envelope.event_type == "SessionStarted"
-        {
-            let workspace = workspace.to_owned();
-            self.remember(session_id, &workspace);
-            return Some(workspace);
-        }
+    /// The workspace of a session: remembered, else read once from the event store. Never
+    /// from a message: whoever can publish on the bus must not be able to move a session into
+    /// another workspace's stream.
+    async fn workspace_of(&self, session_id: Uuid) -> Option<String> {
         if let Some(workspace) = self
             .workspaces
             .lock()

@@ -1,7 +1,7 @@
 //! Analytics over the read models, for the reader's workspace.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
@@ -11,14 +11,8 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::auth::Reader;
 use crate::error::ApiError;
-use crate::query::TimeRange;
-
-fn check_range(range: &TimeRange) -> Result<(), ApiError> {
-    match (range.from, range.to) {
-        (Some(from), Some(to)) if from >= to => Err(ApiError::invalid("to", "must be after from")),
-        _ => Ok(()),
-    }
-}
+use crate::query::{Params, TimeRange};
+use crate::routes::AnalyticsProblems;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -42,15 +36,14 @@ pub(crate) struct ToolUsage {
 /// `executed_at`).
 #[utoipa::path(get, path = "/analytics/tools", tag = "analytics",
     params(ToolUsageParams, TimeRange),
-    responses((status = 200, body = Vec<ToolUsage>), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = Vec<ToolUsage>, description = "Usage per tool"), AnalyticsProblems),
     security(("bearer" = [])))]
 pub(crate) async fn tools(
     State(state): State<AppState>,
     reader: Reader,
-    Query(params): Query<ToolUsageParams>,
-    Query(range): Query<TimeRange>,
+    Params(params): Params<ToolUsageParams>,
+    Params(range): Params<TimeRange>,
 ) -> Result<Json<Vec<ToolUsage>>, ApiError> {
-    check_range(&range)?;
     let rows = sqlx::query_as(
         "SELECT tool, count(*) AS executions,
                 count(*) FILTER (WHERE status = 'failed') AS failures,
@@ -74,8 +67,18 @@ pub(crate) async fn tools(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct LatencyParams {
-    /// approved (default) or rejected.
-    pub status: Option<String>,
+    /// `approved` (default) or `rejected`.
+    #[param(inline)]
+    pub status: Option<Decision>,
+}
+
+/// How a plan's review ended.
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Decision {
+    #[default]
+    Approved,
+    Rejected,
 }
 
 /// Percentiles of the time from a plan's proposal to its decision.
@@ -91,19 +94,18 @@ pub(crate) struct PlanLatency {
 /// Plan approval latency percentiles (time range on `decided_at`).
 #[utoipa::path(get, path = "/analytics/plan-latency", tag = "analytics",
     params(LatencyParams, TimeRange),
-    responses((status = 200, body = PlanLatency), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = PlanLatency, description = "Plan approval latency percentiles"), AnalyticsProblems),
     security(("bearer" = [])))]
 pub(crate) async fn plan_latency(
     State(state): State<AppState>,
     reader: Reader,
-    Query(params): Query<LatencyParams>,
-    Query(range): Query<TimeRange>,
+    Params(params): Params<LatencyParams>,
+    Params(range): Params<TimeRange>,
 ) -> Result<Json<PlanLatency>, ApiError> {
-    check_range(&range)?;
-    let status = params.status.as_deref().unwrap_or("approved");
-    if !["approved", "rejected"].contains(&status) {
-        return Err(ApiError::invalid("status", "must be approved or rejected"));
-    }
+    let status = match params.status.unwrap_or_default() {
+        Decision::Approved => "approved",
+        Decision::Rejected => "rejected",
+    };
     let row = sqlx::query_as(
         "SELECT count(*) AS decisions,
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY time_to_decision_ms) AS p50_ms,
@@ -135,14 +137,13 @@ pub(crate) struct PromptsPerDay {
 /// Prompts per user per day (time range on `submitted_at`).
 #[utoipa::path(get, path = "/analytics/prompts-per-user-per-day", tag = "analytics",
     params(TimeRange),
-    responses((status = 200, body = Vec<PromptsPerDay>), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = Vec<PromptsPerDay>, description = "Prompts per user per day"), AnalyticsProblems),
     security(("bearer" = [])))]
 pub(crate) async fn prompts_per_user_per_day(
     State(state): State<AppState>,
     reader: Reader,
-    Query(range): Query<TimeRange>,
+    Params(range): Params<TimeRange>,
 ) -> Result<Json<Vec<PromptsPerDay>>, ApiError> {
-    check_range(&range)?;
     let rows = sqlx::query_as(
         "SELECT author_id AS user_id, (submitted_at AT TIME ZONE 'UTC')::date AS day, count(*) AS prompts
            FROM read.prompts
@@ -162,8 +163,18 @@ pub(crate) async fn prompts_per_user_per_day(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct AgentTimeParams {
-    /// session (default) or user.
-    pub group_by: Option<String>,
+    /// `session` (default) or `user`.
+    #[param(inline)]
+    pub group_by: Option<GroupBy>,
+}
+
+/// What agent time is summed per.
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum GroupBy {
+    #[default]
+    Session,
+    User,
 }
 
 /// Agent time (prompts from start to finish) and model usage, per session or per user.
@@ -181,17 +192,16 @@ pub(crate) struct AgentTime {
 /// Agent time and cost per session or per user (all time).
 #[utoipa::path(get, path = "/analytics/agent-time", tag = "analytics",
     params(AgentTimeParams),
-    responses((status = 200, body = Vec<AgentTime>), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = Vec<AgentTime>, description = "Agent time and cost per key"), AnalyticsProblems),
     security(("bearer" = [])))]
 pub(crate) async fn agent_time(
     State(state): State<AppState>,
     reader: Reader,
-    Query(params): Query<AgentTimeParams>,
+    Params(params): Params<AgentTimeParams>,
 ) -> Result<Json<Vec<AgentTime>>, ApiError> {
-    let (prompt_key, usage_key) = match params.group_by.as_deref().unwrap_or("session") {
-        "session" => ("session_id::text", "session_id::text"),
-        "user" => ("author_id", "user_id"),
-        _ => return Err(ApiError::invalid("group_by", "must be session or user")),
+    let (prompt_key, usage_key) = match params.group_by.unwrap_or_default() {
+        GroupBy::Session => ("session_id::text", "session_id::text"),
+        GroupBy::User => ("author_id", "user_id"),
     };
     let rows = sqlx::query_as(&format!(
         "WITH agent AS (

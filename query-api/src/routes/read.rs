@@ -1,9 +1,16 @@
 //! Read models: get by id and list with filters and cursor pagination, scoped to the reader's
 //! workspace (another workspace's rows are 404, never 403).
+//!
+//! Each read model is one [`read_model!`] declaration: its row (the columns selected are its
+//! fields), its table, key and projection, the column its time range filters on, its filters
+//! (each a field of its query string and the column it compares) and its routes with their docs.
+//! The shared [`list`] and [`get`] serve every model; adding a field to a read model's row is
+//! one line in its declaration (the column is selected, serialized and documented from there).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 use utoipa::{IntoParams, ToSchema};
@@ -13,28 +20,85 @@ use crate::AppState;
 use crate::auth::Reader;
 use crate::error::ApiError;
 use crate::query::{
-    ConsistencyParams, Cursor, Filter, Listed, PageParams, TimeRange, list_query, page_of,
-    time_filters, wait_consistent,
+    ConsistencyParams, Cursor, Filter, Ids, Listed, PageParams, Params, TimeRange, check_text,
+    list_query, page_of, time_filters, wait_consistent,
 };
-
-macro_rules! listed {
-    ($row:ty) => {
-        impl Listed for $row {
-            fn cursor(&self) -> Cursor {
-                Cursor {
-                    xid: self.created_xid,
-                    position: self.created_position,
-                }
-            }
-        }
-    };
-}
+use crate::routes::{GetProblems, ListProblems};
 
 /// A page of rows and the cursor of the next page (absent on the last page).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+/// A read model as [`list`] and [`get`] serve it.
+pub(crate) trait ReadModel:
+    for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin + Listed + 'static
+{
+    /// Its table in schema `read`.
+    const TABLE: &'static str;
+    /// The columns a row is read from (its fields, in order).
+    const COLUMNS: &'static str;
+    /// The column of its id.
+    const KEY: &'static str;
+    /// What a 404 says is missing.
+    const NOUN: &'static str;
+    /// The projection's positions table, which `consistent_with` waits on.
+    const POSITIONS: &'static str;
+    /// The column its time range (`from`, `to`) filters on.
+    const TIME: &'static str;
+    /// Its query string's filters.
+    type Filters: DeserializeOwned + Send + 'static;
+    /// The filters a query asks for, in the order of its declaration.
+    fn filters(filters: &Self::Filters, list: &mut Vec<Filter>) -> Result<(), ApiError>;
+}
+
+/// A value a filter compares a column with.
+pub(crate) trait FilterValue {
+    /// The filter on `column` (`field` names the query parameter in a 422).
+    fn filter(&self, column: &'static str, field: &str) -> Result<Filter, ApiError>;
+}
+
+impl FilterValue for Uuid {
+    fn filter(&self, column: &'static str, _: &str) -> Result<Filter, ApiError> {
+        Ok(Filter::Id(column, *self))
+    }
+}
+
+/// Free text (checked: see [`check_text`]).
+impl FilterValue for String {
+    fn filter(&self, column: &'static str, field: &str) -> Result<Filter, ApiError> {
+        check_text(field, Some(self))?;
+        Ok(Filter::Text(column, self.clone()))
+    }
+}
+
+/// Lists a read model's rows of the reader's workspace: its filters, then the time range, a
+/// keyset page, and read-your-writes.
+pub(crate) async fn list<M: ReadModel>(
+    state: &AppState,
+    reader: &Reader,
+    filters: &M::Filters,
+    range: &TimeRange,
+    page: &PageParams,
+    consistency: &ConsistencyParams,
+) -> Result<Json<Page<M>>, ApiError> {
+    let mut list = time_filters(M::TIME, range);
+    M::filters(filters, &mut list)?;
+    wait_consistent(state, reader, M::POSITIONS, consistency).await?;
+    fetch_page(state, M::TABLE, M::COLUMNS, reader, &list, page).await
+}
+
+/// One row of a read model, of the reader's workspace (else 404).
+pub(crate) async fn get<M: ReadModel>(
+    state: &AppState,
+    reader: &Reader,
+    id: Uuid,
+    consistency: &ConsistencyParams,
+) -> Result<Json<M>, ApiError> {
+    wait_consistent(state, reader, M::POSITIONS, consistency).await?;
+    fetch_one::<M>(state, reader, id).await.map(Json)
 }
 
 async fn fetch_page<T>(
@@ -48,7 +112,9 @@ async fn fetch_page<T>(
 where
     T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin + Listed,
 {
-    let (mut query, limit, _) = list_query(table, columns, &reader.workspace_id, filters, page)?;
+    let relation = format!("read.{table}");
+    let (mut query, limit, _) =
+        list_query(&relation, columns, &reader.workspace_id, filters, page)?;
     let rows: Vec<T> = query
         .build_query_as()
         .fetch_all(&state.pool)
@@ -58,594 +124,489 @@ where
     Ok(Json(Page { items, next_cursor }))
 }
 
-async fn fetch_one<T>(
+async fn fetch_one<M: ReadModel>(
     state: &AppState,
-    table: &str,
-    columns: &str,
-    key: &str,
-    id: Uuid,
     reader: &Reader,
-    what: &'static str,
-) -> Result<Json<T>, ApiError>
-where
-    T: for<'r> FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-{
-    let row: Option<T> = sqlx::query_as(&format!(
-        "SELECT {columns}, created_xid, created_position FROM read.{table} WHERE {key} = $1 AND workspace_id = $2"
+    id: Uuid,
+) -> Result<M, ApiError> {
+    let row: Option<M> = sqlx::query_as(&format!(
+        "SELECT {}, created_xid, created_position FROM read.{} WHERE {} = $1 AND workspace_id = $2",
+        M::COLUMNS,
+        M::TABLE,
+        M::KEY
     ))
     .bind(id)
     .bind(&reader.workspace_id)
     .fetch_optional(&state.pool)
     .await
     .map_err(ApiError::internal)?;
-    row.map(Json).ok_or(ApiError::NotFound(what))
+    row.ok_or(ApiError::NotFound(M::NOUN))
 }
 
-fn parse_id(id: &str, what: &'static str) -> Result<Uuid, ApiError> {
-    id.parse().map_err(|_| ApiError::NotFound(what))
+/// A closed set of values of a `status` column, as a query parameter takes them.
+macro_rules! statuses {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub(crate) enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub(crate) fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl FilterValue for $name {
+            fn filter(&self, column: &'static str, _: &str) -> Result<Filter, ApiError> {
+                Ok(Filter::Text(column, self.as_str().to_owned()))
+            }
+        }
+    };
 }
 
-fn text(filters: &mut Vec<Filter>, column: &'static str, value: &Option<String>) {
-    if let Some(value) = value {
-        filters.push(Filter::Text(column, value.clone()));
-    }
-}
+/// One read model: its row, where it lives, its filters, and (optionally) its list and get
+/// routes with their OpenAPI docs. See the module's docs.
+macro_rules! read_model {
+    (@columns $first:ident $($rest:ident)*) => {
+        concat!(stringify!($first) $(, ", ", stringify!($rest))*)
+    };
+    (
+        $(#[$doc:meta])*
+        $name:ident in $table:literal {
+            key: $key:ident ($noun:literal),
+            positions: $positions:literal,
+            time: $time:ident,
+        }
+        $(#[$filters_doc:meta])*
+        filters $filters:ident {
+            $( $(#[$filter_meta:meta])* $param:ident: $param_type:ty => $column:literal, )*
+        }
+        row {
+            $( $(#[$field_meta:meta])* $field:ident: $field_type:ty, )+
+        }
+        $(
+            list $list_fn:ident {
+                $(#[$list_doc:meta])*
+                path: $list_path:literal, tag: $list_tag:literal, answer: $page_doc:literal,
+            }
+        )?
+        $(
+            get $get_fn:ident {
+                $(#[$get_doc:meta])*
+                path: $get_path:literal, tag: $get_tag:literal, id: $id_param:literal ($id_doc:literal), answer: $one_doc:literal,
+            }
+        )?
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Serialize, FromRow, ToSchema)]
+        pub(crate) struct $name {
+            $( $(#[$field_meta])* pub $field: $field_type, )+
+            #[serde(skip)]
+            #[schema(ignore)]
+            pub created_xid: i64,
+            #[serde(skip)]
+            #[schema(ignore)]
+            pub created_position: i64,
+        }
 
-fn id(filters: &mut Vec<Filter>, column: &'static str, value: Option<Uuid>) {
-    if let Some(value) = value {
-        filters.push(Filter::Id(column, value));
-    }
-}
+        impl Listed for $name {
+            fn cursor(&self) -> Cursor {
+                Cursor {
+                    xid: self.created_xid,
+                    position: self.created_position,
+                }
+            }
+        }
 
-fn status(value: &Option<String>, allowed: &[&str]) -> Result<(), ApiError> {
-    match value {
-        Some(status) if !allowed.contains(&status.as_str()) => Err(ApiError::invalid(
-            "status",
-            format!("must be one of {}", allowed.join(", ")),
-        )),
-        _ => Ok(()),
-    }
+        $(#[$filters_doc])*
+        #[derive(Debug, Deserialize, IntoParams)]
+        #[into_params(parameter_in = Query)]
+        pub(crate) struct $filters {
+            $( $(#[$filter_meta])* pub $param: Option<$param_type>, )*
+        }
+
+        impl ReadModel for $name {
+            const TABLE: &'static str = $table;
+            const COLUMNS: &'static str = read_model!(@columns $($field)+);
+            const KEY: &'static str = stringify!($key);
+            const NOUN: &'static str = $noun;
+            const POSITIONS: &'static str = $positions;
+            const TIME: &'static str = stringify!($time);
+            type Filters = $filters;
+
+            #[allow(unused_variables, reason = "a model may have no filters")]
+            fn filters(filters: &$filters, list: &mut Vec<Filter>) -> Result<(), ApiError> {
+                $(
+                    if let Some(value) = &filters.$param {
+                        list.push(value.filter($column, stringify!($param))?);
+                    }
+                )*
+                Ok(())
+            }
+        }
+
+        $(
+            $(#[$list_doc])*
+            #[utoipa::path(get, path = $list_path, tag = $list_tag,
+                params($filters, TimeRange, PageParams, ConsistencyParams),
+                responses((status = 200, body = Page<$name>, description = $page_doc), ListProblems),
+                security(("bearer" = [])))]
+            pub(crate) async fn $list_fn(
+                State(state): State<AppState>,
+                reader: Reader,
+                Params(filters): Params<$filters>,
+                Params(range): Params<TimeRange>,
+                Params(page): Params<PageParams>,
+                Params(consistency): Params<ConsistencyParams>,
+            ) -> Result<Json<Page<$name>>, ApiError> {
+                list::<$name>(&state, &reader, &filters, &range, &page, &consistency).await
+            }
+        )?
+
+        $(
+            $(#[$get_doc])*
+            #[utoipa::path(get, path = $get_path, tag = $get_tag,
+                params(($id_param = Uuid, Path, description = $id_doc), ConsistencyParams),
+                responses((status = 200, body = $name, description = $one_doc), GetProblems),
+                security(("bearer" = [])))]
+            pub(crate) async fn $get_fn(
+                State(state): State<AppState>,
+                reader: Reader,
+                Ids(id): Ids<Uuid>,
+                Params(consistency): Params<ConsistencyParams>,
+            ) -> Result<Json<$name>, ApiError> {
+                get::<$name>(&state, &reader, id, &consistency).await
+            }
+        )?
+    };
 }
 
 // ---- sessions ----
 
-const SESSION_COLUMNS: &str = "session_id, workspace_id, feature_id, title, repository_url, base_branch, \
-    session_branch, status, started_by, started_at, finished_at, archived_at, failure_reason, participants, \
-    participant_count, queue_length, running_prompt_id, prompt_count, tool_execution_count, checkpoint_count, \
-    sandbox_id, opencode_session_id, last_activity_at, version";
+statuses!(
+    /// Where a session is in its life.
+    SessionStatus { Active => "active", Completed => "completed", Failed => "failed", Archived => "archived" }
+);
 
-/// A session as the UI lists it.
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct Session {
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub feature_id: Option<Uuid>,
-    pub title: String,
-    pub repository_url: String,
-    pub base_branch: String,
-    pub session_branch: String,
-    /// active, completed, failed or archived.
-    pub status: String,
-    pub started_by: String,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub archived_at: Option<DateTime<Utc>>,
-    pub failure_reason: Option<String>,
-    /// `[{"user_id", "name", "role"}]` in joining order.
-    #[schema(value_type = Vec<Object>)]
-    pub participants: serde_json::Value,
-    pub participant_count: i32,
-    pub queue_length: i32,
-    pub running_prompt_id: Option<Uuid>,
-    pub prompt_count: i32,
-    pub tool_execution_count: i32,
-    pub checkpoint_count: i32,
-    pub sandbox_id: Option<String>,
-    pub opencode_session_id: Option<String>,
-    pub last_activity_at: DateTime<Utc>,
-    /// The session's version (its last event's sequence) this row reflects.
-    pub version: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(Session);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct SessionFilters {
-    /// active, completed, failed or archived.
-    pub status: Option<String>,
-    pub feature_id: Option<Uuid>,
-    /// Who started it (user id).
-    pub started_by: Option<String>,
-}
-
-/// List the workspace's sessions (time range on `started_at`).
-#[utoipa::path(get, path = "/sessions", tag = "sessions",
-    params(SessionFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<Session>), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_sessions(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<SessionFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<Session>>, ApiError> {
-    status(
-        &filters.status,
-        &["active", "completed", "failed", "archived"],
-    )?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("started_at", &range)?;
-    text(&mut list, "status", &filters.status);
-    id(&mut list, "feature_id", filters.feature_id);
-    text(&mut list, "started_by", &filters.started_by);
-    fetch_page(&state, "sessions", SESSION_COLUMNS, &reader, &list, &page).await
-}
-
-/// One session.
-#[utoipa::path(get, path = "/sessions/{session_id}", tag = "sessions",
-    params(("session_id" = Uuid, Path), ConsistencyParams),
-    responses((status = 200, body = Session), (status = 404, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn get_session(
-    State(state): State<AppState>,
-    reader: Reader,
-    Path(session_id): Path<String>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Session>, ApiError> {
-    let session_id = parse_id(&session_id, "session")?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    fetch_one(
-        &state,
-        "sessions",
-        SESSION_COLUMNS,
-        "session_id",
-        session_id,
-        &reader,
-        "session",
-    )
-    .await
+read_model! {
+    /// A session as the UI lists it.
+    Session in "sessions" {
+        key: session_id ("session"),
+        positions: "sessions_positions",
+        time: started_at,
+    }
+    filters SessionFilters {
+        #[param(inline)]
+        status: SessionStatus => "status",
+        feature_id: Uuid => "feature_id",
+        /// Who started it (user id).
+        #[param(max_length = 255, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
+        started_by: String => "started_by",
+    }
+    row {
+        session_id: Uuid,
+        workspace_id: String,
+        feature_id: Option<Uuid>,
+        title: String,
+        repository_url: String,
+        base_branch: String,
+        session_branch: String,
+        /// active, completed, failed or archived.
+        status: String,
+        started_by: String,
+        started_at: DateTime<Utc>,
+        finished_at: Option<DateTime<Utc>>,
+        archived_at: Option<DateTime<Utc>>,
+        failure_reason: Option<String>,
+        /// `[{"user_id", "name", "role"}]` in joining order.
+        #[schema(value_type = Vec<Object>)]
+        participants: serde_json::Value,
+        participant_count: i32,
+        queue_length: i32,
+        running_prompt_id: Option<Uuid>,
+        prompt_count: i32,
+        tool_execution_count: i32,
+        checkpoint_count: i32,
+        sandbox_id: Option<String>,
+        opencode_session_id: Option<String>,
+        last_activity_at: DateTime<Utc>,
+        /// The session's version (its last event's sequence) this row reflects.
+        version: i64,
+    }
+    list list_sessions {
+        /// List the workspace's sessions (time range on `started_at`).
+        path: "/sessions", tag: "sessions", answer: "A page of sessions",
+    }
+    get get_session {
+        /// One session.
+        path: "/sessions/{session_id}", tag: "sessions", id: "session_id" ("The session's id"), answer: "The session",
+    }
 }
 
 // ---- prompts ----
 
-const PROMPT_COLUMNS: &str = "prompt_id, session_id, workspace_id, author_id, author_name, text_preview, \
-    text_length, status, queue_position, submitted_at, started_at, finished_at, summary, failure_reason, cancelled_by";
+statuses!(
+    /// Where a prompt is in its life.
+    PromptStatus { Queued => "queued", Running => "running", Completed => "completed", Failed => "failed", Cancelled => "cancelled" }
+);
 
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct Prompt {
-    pub prompt_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub author_id: String,
-    pub author_name: String,
-    pub text_preview: String,
-    pub text_length: i32,
-    /// queued, running, completed, failed or cancelled.
-    pub status: String,
-    /// 1-based place in the queue while queued.
-    pub queue_position: Option<i32>,
-    pub submitted_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub summary: Option<String>,
-    pub failure_reason: Option<String>,
-    pub cancelled_by: Option<String>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(Prompt);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct PromptFilters {
-    pub session_id: Option<Uuid>,
-    /// queued, running, completed, failed or cancelled.
-    pub status: Option<String>,
-    /// The author's user id.
-    pub author: Option<String>,
-}
-
-/// List prompts (time range on `submitted_at`).
-#[utoipa::path(get, path = "/prompts", tag = "sessions",
-    params(PromptFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<Prompt>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_prompts(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<PromptFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<Prompt>>, ApiError> {
-    status(
-        &filters.status,
-        &["queued", "running", "completed", "failed", "cancelled"],
-    )?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("submitted_at", &range)?;
-    id(&mut list, "session_id", filters.session_id);
-    text(&mut list, "status", &filters.status);
-    text(&mut list, "author_id", &filters.author);
-    fetch_page(&state, "prompts", PROMPT_COLUMNS, &reader, &list, &page).await
-}
-
-/// One prompt.
-#[utoipa::path(get, path = "/prompts/{prompt_id}", tag = "sessions",
-    params(("prompt_id" = Uuid, Path), ConsistencyParams),
-    responses((status = 200, body = Prompt), (status = 404, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn get_prompt(
-    State(state): State<AppState>,
-    reader: Reader,
-    Path(prompt_id): Path<String>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Prompt>, ApiError> {
-    let prompt_id = parse_id(&prompt_id, "prompt")?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    fetch_one(
-        &state,
-        "prompts",
-        PROMPT_COLUMNS,
-        "prompt_id",
-        prompt_id,
-        &reader,
-        "prompt",
-    )
-    .await
+read_model! {
+    Prompt in "prompts" {
+        key: prompt_id ("prompt"),
+        positions: "sessions_positions",
+        time: submitted_at,
+    }
+    filters PromptFilters {
+        session_id: Uuid => "session_id",
+        #[param(inline)]
+        status: PromptStatus => "status",
+        /// The author's user id.
+        #[param(max_length = 255, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
+        author: String => "author_id",
+    }
+    row {
+        prompt_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        author_id: String,
+        author_name: String,
+        text_preview: String,
+        text_length: i32,
+        /// queued, running, completed, failed or cancelled.
+        status: String,
+        /// 1-based place in the queue while queued.
+        queue_position: Option<i32>,
+        submitted_at: DateTime<Utc>,
+        started_at: Option<DateTime<Utc>>,
+        finished_at: Option<DateTime<Utc>>,
+        summary: Option<String>,
+        failure_reason: Option<String>,
+        cancelled_by: Option<String>,
+    }
+    list list_prompts {
+        /// List prompts (time range on `submitted_at`).
+        path: "/prompts", tag: "sessions", answer: "A page of prompts",
+    }
+    get get_prompt {
+        /// One prompt.
+        path: "/prompts/{prompt_id}", tag: "sessions", id: "prompt_id" ("The prompt's id"), answer: "The prompt",
+    }
 }
 
 // ---- plans ----
 
-const PLAN_COLUMNS: &str = "plan_id, prompt_id, session_id, workspace_id, status, summary, steps, proposed_by, \
-    proposed_at, reviewer_id, reviewer_name, review_comment, decided_at, time_to_decision_ms";
+statuses!(
+    /// Where a plan is in its review.
+    PlanStatus { Pending => "pending", Approved => "approved", Rejected => "rejected" }
+);
 
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct Plan {
-    pub plan_id: Uuid,
-    pub prompt_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    /// pending, approved or rejected.
-    pub status: String,
-    pub summary: String,
-    #[schema(value_type = Vec<String>)]
-    pub steps: serde_json::Value,
-    pub proposed_by: String,
-    pub proposed_at: DateTime<Utc>,
-    pub reviewer_id: Option<String>,
-    pub reviewer_name: Option<String>,
-    pub review_comment: Option<String>,
-    pub decided_at: Option<DateTime<Utc>>,
-    pub time_to_decision_ms: Option<i64>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(Plan);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct PlanFilters {
-    pub session_id: Option<Uuid>,
-    /// pending, approved or rejected.
-    pub status: Option<String>,
-}
-
-/// List plans (time range on `proposed_at`).
-#[utoipa::path(get, path = "/plans", tag = "sessions",
-    params(PlanFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<Plan>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_plans(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<PlanFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<Plan>>, ApiError> {
-    status(&filters.status, &["pending", "approved", "rejected"])?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("proposed_at", &range)?;
-    id(&mut list, "session_id", filters.session_id);
-    text(&mut list, "status", &filters.status);
-    fetch_page(&state, "plans", PLAN_COLUMNS, &reader, &list, &page).await
-}
-
-/// One plan.
-#[utoipa::path(get, path = "/plans/{plan_id}", tag = "sessions",
-    params(("plan_id" = Uuid, Path), ConsistencyParams),
-    responses((status = 200, body = Plan), (status = 404, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn get_plan(
-    State(state): State<AppState>,
-    reader: Reader,
-    Path(plan_id): Path<String>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Plan>, ApiError> {
-    let plan_id = parse_id(&plan_id, "plan")?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    fetch_one(
-        &state,
-        "plans",
-        PLAN_COLUMNS,
-        "plan_id",
-        plan_id,
-        &reader,
-        "plan",
-    )
-    .await
+read_model! {
+    Plan in "plans" {
+        key: plan_id ("plan"),
+        positions: "sessions_positions",
+        time: proposed_at,
+    }
+    filters PlanFilters {
+        session_id: Uuid => "session_id",
+        #[param(inline)]
+        status: PlanStatus => "status",
+    }
+    row {
+        plan_id: Uuid,
+        prompt_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        /// pending, approved or rejected.
+        status: String,
+        summary: String,
+        #[schema(value_type = Vec<String>)]
+        steps: serde_json::Value,
+        proposed_by: String,
+        proposed_at: DateTime<Utc>,
+        reviewer_id: Option<String>,
+        reviewer_name: Option<String>,
+        review_comment: Option<String>,
+        decided_at: Option<DateTime<Utc>>,
+        time_to_decision_ms: Option<i64>,
+    }
+    list list_plans {
+        /// List plans (time range on `proposed_at`).
+        path: "/plans", tag: "sessions", answer: "A page of plans",
+    }
+    get get_plan {
+        /// One plan.
+        path: "/plans/{plan_id}", tag: "sessions", id: "plan_id" ("The plan's id"), answer: "The plan",
+    }
 }
 
 // ---- tool executions and approvals ----
 
-const TOOL_EXECUTION_COLUMNS: &str = "event_id, session_id, workspace_id, prompt_id, call_id, tool, phase, status, \
-    duration_ms, input_summary, output_summary, approval_request_id, approval_status, executed_at";
+statuses!(
+    /// How a tool call ended.
+    ToolStatus { Completed => "completed", Failed => "failed", Denied => "denied" }
+);
 
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct ToolExecution {
-    pub event_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub prompt_id: Uuid,
-    pub call_id: String,
-    pub tool: String,
-    /// plan or build.
-    pub phase: String,
-    /// completed, failed or denied.
-    pub status: String,
-    pub duration_ms: i64,
-    pub input_summary: String,
-    pub output_summary: String,
-    pub approval_request_id: Option<Uuid>,
-    pub approval_status: Option<String>,
-    pub executed_at: DateTime<Utc>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(ToolExecution);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct ToolExecutionFilters {
-    pub session_id: Option<Uuid>,
-    pub prompt_id: Option<Uuid>,
-    pub tool: Option<String>,
-    /// completed, failed or denied.
-    pub status: Option<String>,
-}
-
-/// List tool executions (time range on `executed_at`).
-#[utoipa::path(get, path = "/tool-executions", tag = "sessions",
-    params(ToolExecutionFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<ToolExecution>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_tool_executions(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<ToolExecutionFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<ToolExecution>>, ApiError> {
-    status(&filters.status, &["completed", "failed", "denied"])?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("executed_at", &range)?;
-    id(&mut list, "session_id", filters.session_id);
-    id(&mut list, "prompt_id", filters.prompt_id);
-    text(&mut list, "tool", &filters.tool);
-    text(&mut list, "status", &filters.status);
-    fetch_page(
-        &state,
-        "tool_executions",
-        TOOL_EXECUTION_COLUMNS,
-        &reader,
-        &list,
-        &page,
-    )
-    .await
+read_model! {
+    ToolExecution in "tool_executions" {
+        key: event_id ("tool execution"),
+        positions: "sessions_positions",
+        time: executed_at,
+    }
+    filters ToolExecutionFilters {
+        session_id: Uuid => "session_id",
+        prompt_id: Uuid => "prompt_id",
+        /// The tool's name.
+        #[param(max_length = 255, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
+        tool: String => "tool",
+        #[param(inline)]
+        status: ToolStatus => "status",
+    }
+    row {
+        event_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        prompt_id: Uuid,
+        call_id: String,
+        tool: String,
+        /// plan or build.
+        phase: String,
+        /// completed, failed or denied.
+        status: String,
+        duration_ms: i64,
+        input_summary: String,
+        output_summary: String,
+        approval_request_id: Option<Uuid>,
+        approval_status: Option<String>,
+        executed_at: DateTime<Utc>,
+    }
+    list list_tool_executions {
+        /// List tool executions (time range on `executed_at`).
+        path: "/tool-executions", tag: "sessions", answer: "A page of tool executions",
+    }
 }
 
-const TOOL_APPROVAL_COLUMNS: &str = "request_id, session_id, workspace_id, prompt_id, call_id, tool, input_summary, \
-    status, requested_at, decided_at, reviewer_id, reviewer_name, comment";
+statuses!(
+    /// Where a tool approval request is.
+    ApprovalStatus { Pending => "pending", Granted => "granted", Denied => "denied" }
+);
 
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct ToolApproval {
-    pub request_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub prompt_id: Uuid,
-    pub call_id: String,
-    pub tool: String,
-    pub input_summary: String,
-    /// pending, granted or denied.
-    pub status: String,
-    pub requested_at: DateTime<Utc>,
-    pub decided_at: Option<DateTime<Utc>>,
-    pub reviewer_id: Option<String>,
-    pub reviewer_name: Option<String>,
-    pub comment: Option<String>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(ToolApproval);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct ToolApprovalFilters {
-    pub session_id: Option<Uuid>,
-    /// pending, granted or denied.
-    pub status: Option<String>,
-}
-
-/// List tool approval requests (time range on `requested_at`).
-#[utoipa::path(get, path = "/tool-approvals", tag = "sessions",
-    params(ToolApprovalFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<ToolApproval>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_tool_approvals(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<ToolApprovalFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<ToolApproval>>, ApiError> {
-    status(&filters.status, &["pending", "granted", "denied"])?;
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("requested_at", &range)?;
-    id(&mut list, "session_id", filters.session_id);
-    text(&mut list, "status", &filters.status);
-    fetch_page(
-        &state,
-        "tool_approvals",
-        TOOL_APPROVAL_COLUMNS,
-        &reader,
-        &list,
-        &page,
-    )
-    .await
+read_model! {
+    ToolApproval in "tool_approvals" {
+        key: request_id ("tool approval request"),
+        positions: "sessions_positions",
+        time: requested_at,
+    }
+    filters ToolApprovalFilters {
+        session_id: Uuid => "session_id",
+        #[param(inline)]
+        status: ApprovalStatus => "status",
+    }
+    row {
+        request_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        prompt_id: Uuid,
+        call_id: String,
+        tool: String,
+        input_summary: String,
+        /// pending, granted or denied.
+        status: String,
+        requested_at: DateTime<Utc>,
+        decided_at: Option<DateTime<Utc>>,
+        reviewer_id: Option<String>,
+        reviewer_name: Option<String>,
+        comment: Option<String>,
+    }
+    list list_tool_approvals {
+        /// List tool approval requests (time range on `requested_at`).
+        path: "/tool-approvals", tag: "sessions", answer: "A page of tool approval requests",
+    }
 }
 
 // ---- checkpoints ----
 
-const CHECKPOINT_COLUMNS: &str = "checkpoint_id, session_id, workspace_id, prompt_id, label, commit_sha, files_changed, \
-    trigger, taken_at, restore_count, last_restored_at";
-
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct Checkpoint {
-    pub checkpoint_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub prompt_id: Option<Uuid>,
-    pub label: Option<String>,
-    pub commit_sha: String,
-    #[schema(value_type = Vec<String>)]
-    pub files_changed: serde_json::Value,
-    /// auto or manual.
-    pub trigger: String,
-    pub taken_at: DateTime<Utc>,
-    pub restore_count: i32,
-    pub last_restored_at: Option<DateTime<Utc>>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(Checkpoint);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct CheckpointFilters {
-    pub session_id: Option<Uuid>,
-}
-
-/// List checkpoints (time range on `taken_at`).
-#[utoipa::path(get, path = "/checkpoints", tag = "sessions",
-    params(CheckpointFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<Checkpoint>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_checkpoints(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<CheckpointFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<Checkpoint>>, ApiError> {
-    wait_consistent(&state, "sessions_positions", &consistency).await?;
-    let mut list = time_filters("taken_at", &range)?;
-    id(&mut list, "session_id", filters.session_id);
-    fetch_page(
-        &state,
-        "checkpoints",
-        CHECKPOINT_COLUMNS,
-        &reader,
-        &list,
-        &page,
-    )
-    .await
+read_model! {
+    Checkpoint in "checkpoints" {
+        key: checkpoint_id ("checkpoint"),
+        positions: "sessions_positions",
+        time: taken_at,
+    }
+    filters CheckpointFilters {
+        session_id: Uuid => "session_id",
+    }
+    row {
+        checkpoint_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        prompt_id: Option<Uuid>,
+        label: Option<String>,
+        commit_sha: String,
+        #[schema(value_type = Vec<String>)]
+        files_changed: serde_json::Value,
+        /// auto or manual.
+        trigger: String,
+        taken_at: DateTime<Utc>,
+        restore_count: i32,
+        last_restored_at: Option<DateTime<Utc>>,
+    }
+    list list_checkpoints {
+        /// List checkpoints (time range on `taken_at`).
+        path: "/checkpoints", tag: "sessions", answer: "A page of checkpoints",
+    }
 }
 
 // ---- timeline ----
 
-const TIMELINE_COLUMNS: &str = "event_id, session_id, workspace_id, sequence, event_type, actor_id, actor_name, recorded_at, summary, data";
-
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct TimelineEntry {
-    pub event_id: Uuid,
-    pub session_id: Uuid,
-    pub workspace_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub actor_id: String,
-    pub actor_name: String,
-    pub recorded_at: DateTime<Utc>,
-    /// One line a UI can show as is.
-    pub summary: String,
-    /// The event's payload.
-    #[schema(value_type = Object)]
-    pub data: serde_json::Value,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(TimelineEntry);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct TimelineFilters {
-    pub event_type: Option<String>,
+read_model! {
+    TimelineEntry in "session_timeline" {
+        key: event_id ("timeline entry"),
+        positions: "timeline_positions",
+        time: recorded_at,
+    }
+    filters TimelineFilters {
+        /// An event type, e.g. `PromptSubmitted`.
+        #[param(max_length = 255, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
+        event_type: String => "event_type",
+    }
+    row {
+        event_id: Uuid,
+        session_id: Uuid,
+        workspace_id: String,
+        sequence: i64,
+        event_type: String,
+        actor_id: String,
+        actor_name: String,
+        recorded_at: DateTime<Utc>,
+        /// One line a UI can show as is.
+        summary: String,
+        /// The event's payload.
+        #[schema(value_type = Object)]
+        data: serde_json::Value,
+    }
 }
 
 /// A session's timeline (time range on `recorded_at`; `order=asc` replays it).
 #[utoipa::path(get, path = "/sessions/{session_id}/timeline", tag = "sessions",
-    params(("session_id" = Uuid, Path), TimelineFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<TimelineEntry>), (status = 404, body = crate::error::Problem)),
+    params(("session_id" = Uuid, Path, description = "The session's id"), TimelineFilters, TimeRange, PageParams, ConsistencyParams),
+    responses((status = 200, body = Page<TimelineEntry>, description = "A page of the session's timeline"), GetProblems),
     security(("bearer" = [])))]
 pub(crate) async fn session_timeline(
     State(state): State<AppState>,
     reader: Reader,
-    Path(session_id): Path<String>,
-    Query(filters): Query<TimelineFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
+    Ids(session_id): Ids<Uuid>,
+    Params(filters): Params<TimelineFilters>,
+    Params(range): Params<TimeRange>,
+    Params(page): Params<PageParams>,
+    Params(consistency): Params<ConsistencyParams>,
 ) -> Result<Json<Page<TimelineEntry>>, ApiError> {
-    let session_id = parse_id(&session_id, "session")?;
-    wait_consistent(&state, "timeline_positions", &consistency).await?;
+    check_text("event_type", filters.event_type.as_deref())?;
+    wait_consistent(&state, &reader, TimelineEntry::POSITIONS, &consistency).await?;
+    // A session of another workspace, or none, is 404 (not an empty page).
     let exists: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM read.session_timeline WHERE session_id = $1 AND workspace_id = $2 LIMIT 1",
     )
@@ -657,13 +618,13 @@ pub(crate) async fn session_timeline(
     if exists.is_none() {
         return Err(ApiError::NotFound("session"));
     }
-    let mut list = time_filters("recorded_at", &range)?;
+    let mut list = time_filters(TimelineEntry::TIME, &range);
     list.push(Filter::Id("session_id", session_id));
-    text(&mut list, "event_type", &filters.event_type);
+    TimelineEntry::filters(&filters, &mut list)?;
     fetch_page(
         &state,
-        "session_timeline",
-        TIMELINE_COLUMNS,
+        TimelineEntry::TABLE,
+        TimelineEntry::COLUMNS,
         &reader,
         &list,
         &page,
@@ -673,58 +634,40 @@ pub(crate) async fn session_timeline(
 
 // ---- features ----
 
-const FEATURE_COLUMNS: &str = "feature_id, workspace_id, title, description, status, created_by, created_at, \
-    completed_at, session_count, learning_count, decision_count, version";
+statuses!(
+    /// Where a feature is in its life.
+    FeatureStatus { Active => "active", Completed => "completed" }
+);
 
-#[derive(Debug, Serialize, FromRow, ToSchema)]
-pub(crate) struct Feature {
-    pub feature_id: Uuid,
-    pub workspace_id: String,
-    pub title: String,
-    pub description: String,
-    /// active or completed.
-    pub status: String,
-    pub created_by: String,
-    pub created_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub session_count: i32,
-    pub learning_count: i32,
-    pub decision_count: i32,
-    pub version: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_xid: i64,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub created_position: i64,
-}
-listed!(Feature);
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct FeatureFilters {
-    /// active or completed.
-    pub status: Option<String>,
-}
-
-/// List features (time range on `created_at`).
-#[utoipa::path(get, path = "/features", tag = "features",
-    params(FeatureFilters, TimeRange, PageParams, ConsistencyParams),
-    responses((status = 200, body = Page<Feature>), (status = 422, body = crate::error::Problem)),
-    security(("bearer" = [])))]
-pub(crate) async fn list_features(
-    State(state): State<AppState>,
-    reader: Reader,
-    Query(filters): Query<FeatureFilters>,
-    Query(range): Query<TimeRange>,
-    Query(page): Query<PageParams>,
-    Query(consistency): Query<ConsistencyParams>,
-) -> Result<Json<Page<Feature>>, ApiError> {
-    status(&filters.status, &["active", "completed"])?;
-    wait_consistent(&state, "features_positions", &consistency).await?;
-    let mut list = time_filters("created_at", &range)?;
-    text(&mut list, "status", &filters.status);
-    fetch_page(&state, "features", FEATURE_COLUMNS, &reader, &list, &page).await
+read_model! {
+    Feature in "features" {
+        key: feature_id ("feature"),
+        positions: "features_positions",
+        time: created_at,
+    }
+    filters FeatureFilters {
+        #[param(inline)]
+        status: FeatureStatus => "status",
+    }
+    row {
+        feature_id: Uuid,
+        workspace_id: String,
+        title: String,
+        description: String,
+        /// active or completed.
+        status: String,
+        created_by: String,
+        created_at: DateTime<Utc>,
+        completed_at: Option<DateTime<Utc>>,
+        session_count: i32,
+        learning_count: i32,
+        decision_count: i32,
+        version: i64,
+    }
+    list list_features {
+        /// List features (time range on `created_at`).
+        path: "/features", tag: "features", answer: "A page of features",
+    }
 }
 
 /// A feature with its sessions, learnings and decisions.
@@ -758,27 +701,17 @@ pub(crate) struct Decision {
 
 /// One feature, with the context its sessions share.
 #[utoipa::path(get, path = "/features/{feature_id}", tag = "features",
-    params(("feature_id" = Uuid, Path), ConsistencyParams),
-    responses((status = 200, body = FeatureDetail), (status = 404, body = crate::error::Problem)),
+    params(("feature_id" = Uuid, Path, description = "The feature's id"), ConsistencyParams),
+    responses((status = 200, body = FeatureDetail, description = "The feature and its shared context"), GetProblems),
     security(("bearer" = [])))]
 pub(crate) async fn get_feature(
     State(state): State<AppState>,
     reader: Reader,
-    Path(feature_id): Path<String>,
-    Query(consistency): Query<ConsistencyParams>,
+    Ids(feature_id): Ids<Uuid>,
+    Params(consistency): Params<ConsistencyParams>,
 ) -> Result<Json<FeatureDetail>, ApiError> {
-    let feature_id = parse_id(&feature_id, "feature")?;
-    wait_consistent(&state, "features_positions", &consistency).await?;
-    let Json(feature) = fetch_one::<Feature>(
-        &state,
-        "features",
-        FEATURE_COLUMNS,
-        "feature_id",
-        feature_id,
-        &reader,
-        "feature",
-    )
-    .await?;
+    wait_consistent(&state, &reader, Feature::POSITIONS, &consistency).await?;
+    let feature = fetch_one::<Feature>(&state, &reader, feature_id).await?;
     let session_ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT session_id FROM read.feature_sessions WHERE feature_id = $1 ORDER BY attached_at, session_id",
     )

@@ -3,8 +3,13 @@
 //! read-your-writes, and the analysts' SQL.
 
 mod analysts;
+mod asyncapi;
+mod audit;
+mod budgets;
+mod contract;
 mod endpoints;
 mod live;
 mod openapi;
 mod pagination;
+mod security;
 mod support;

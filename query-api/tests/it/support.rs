@@ -62,14 +62,28 @@ impl Stack {
         consistency_ms: u64,
         live_buffer: usize,
     ) -> Self {
+        Self::start_configured(projectors, consistency_ms, |query| {
+            query.settings.live_buffer = live_buffer;
+        })
+        .await
+    }
+
+    /// A stack whose query-api config `configure` adjusts last.
+    pub(crate) async fn start_configured(
+        projectors: bool,
+        consistency_ms: u64,
+        configure: impl FnOnce(&mut canopy_query_api::Config),
+    ) -> Self {
         let db = canopy_testkit::database().await.unwrap();
         let nats = canopy_testkit::nats().await.unwrap();
         let mut stops = Vec::new();
 
         let mut command = canopy_command_api::Config::for_database(db.url.clone());
-        command.jwt_secret = SECRET.into();
+        command.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
         command.rate_limit_burst = 10_000;
         command.rate_limit_per_second = 10_000;
+        // prompts pile up in sessions faster than anything drains them
+        command.max_queued_prompts = 1_000_000;
         command.db_max_connections = 6;
         let app = canopy_command_api::build(command).await.unwrap();
         let command = format!("http://{}", app.local_addr());
@@ -80,15 +94,16 @@ impl Stack {
         stops.push(stop);
 
         let mut query = canopy_query_api::Config::for_database(db.url.clone());
-        query.jwt_secret = SECRET.into();
-        query.consistency_timeout_ms = consistency_ms;
-        query.db_max_connections = 8;
-        query.nats_url = Some(nats.url.clone());
-        query.subject_prefix = format!("{}.events", nats.prefix);
-        query.presence_prefix = format!("{}.presence", nats.prefix);
-        query.presence_heartbeat_ms = 200;
-        query.keep_alive_ms = 1000;
-        query.live_buffer = live_buffer;
+        query.tokens.secret = canopy_config::JwtSecretArgs::new(SECRET);
+        query.settings.consistency_timeout = Duration::from_millis(consistency_ms);
+        query.settings.db_max_connections = 8;
+        query.nats = canopy_config::NatsArgs::new(&nats.url);
+        query.subjects.subject_prefix = format!("{}.events", nats.prefix);
+        query.settings.presence_prefix = format!("{}.presence", nats.prefix);
+        query.settings.presence_heartbeat = Duration::from_millis(200);
+        query.settings.keep_alive = Duration::from_secs(1);
+        query.settings.live_buffer = LIVE_BUFFER;
+        configure(&mut query);
         let app = canopy_query_api::build(query).await.unwrap();
         let query = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -4,6 +4,14 @@ use canopy::{Command, DatabaseArgs, RoleArg, TokenArgs, execute};
 use canopy_auth::{AuthConfig, Verifier};
 use canopy_domain::Role;
 
+/// Every subcommand's settings fit in one command: `canopy up` flattens several services'
+/// configurations, and clap refuses an argument or group declared twice.
+#[test]
+fn every_subcommand_declares_each_setting_once() {
+    use clap::CommandFactory;
+    canopy::Cli::command().debug_assert();
+}
+
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let db = canopy_testkit::database().await.unwrap();
@@ -28,7 +36,9 @@ async fn token_mints_a_verifiable_jwt_for_each_role() {
     let secret = "cli-test-secret-0123456789";
     let verifier = Verifier::new(&AuthConfig {
         hs256_secret: secret.into(),
+        accept_hs256: true,
         rs256_public_key_pem: None,
+        runner_secret: None,
         leeway_secs: 0,
     })
     .unwrap();
@@ -46,8 +56,8 @@ async fn token_mints_a_verifiable_jwt_for_each_role() {
             name: "Grace".into(),
             email: Some("grace@example.invalid".into()),
             workspace: "w9".into(),
-            ttl_hours: 1,
-            secret: secret.into(),
+            ttl: std::time::Duration::from_secs(3600),
+            secret: canopy_config::JwtSecretArgs::new(secret),
         }))
         .await
         .unwrap();
@@ -59,4 +69,5 @@ async fn token_mints_a_verifiable_jwt_for_each_role() {
     }
 }
 
+mod audit;
 mod up;

@@ -99,6 +99,12 @@ pub enum SessionCommand {
         tokens_out: u64,
         cost_micro_usd: u64,
     },
+    /// A budget the session draws on reached its warning threshold (command-api's own report,
+    /// sent as the runner whose usage reached it).
+    RecordBudgetThreshold {
+        actor: Actor,
+        threshold: crate::session::BudgetThresholdReached,
+    },
     RequestCheckpoint {
         actor: Actor,
         label: Option<String>,
@@ -181,6 +187,7 @@ impl SessionCommand {
             | Self::RecordToolExecution { actor, .. }
             | Self::RecordAgentMessage { actor, .. }
             | Self::RecordUsage { actor, .. }
+            | Self::RecordBudgetThreshold { actor, .. }
             | Self::RequestCheckpoint { actor, .. }
             | Self::RecordCheckpoint { actor, .. }
             | Self::RequestRestore { actor, .. }
@@ -224,6 +231,7 @@ impl SessionCommand {
             | Self::RecordToolExecution { .. }
             | Self::RecordAgentMessage { .. }
             | Self::RecordUsage { .. }
+            | Self::RecordBudgetThreshold { .. }
             | Self::RecordCheckpoint { .. }
             | Self::RecordRestore { .. }
             | Self::RecordBranchPushed { .. }
@@ -243,6 +251,7 @@ impl SessionCommand {
             Self::ArchiveSession { .. }
                 | Self::LeaveSession { .. }
                 | Self::RecordSandboxStopped { .. }
+                | Self::RecordBudgetThreshold { .. }
         )
     }
 }

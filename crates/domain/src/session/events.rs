@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::actor::Role;
+use crate::budget::BudgetKind;
 use crate::event::domain_events;
 use crate::session::Session;
 
@@ -31,7 +32,7 @@ domain_events! {
         ToolApprovalDenied => "1",
         ToolExecuted => "1",
         AgentMessageRecorded => "1",
-        UsageRecorded => "1",
+        UsageRecorded => "2",
         CheckpointRequested => "1",
         CheckpointTaken => "1",
         RestoreRequested => "1",
@@ -43,6 +44,7 @@ domain_events! {
         SessionCompleted => "1",
         SessionFailed => "1",
         SessionArchived => "1",
+        BudgetThresholdReached => "1",
     }
 }
 
@@ -233,11 +235,17 @@ pub struct AgentMessageRecorded {
 }
 
 /// Model usage the running prompt consumed since the last report.
+///
+/// Version 2 names the token counts as model providers report them (`input_tokens`,
+/// `output_tokens`; version 1 stored `tokens_in`, `tokens_out`). Stored version 1 events are
+/// upcast by [`crate::upcast::UPCASTERS`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct UsageRecorded {
     pub prompt_id: Uuid,
-    pub tokens_in: u64,
-    pub tokens_out: u64,
+    /// Tokens the model read (prompt and context).
+    pub input_tokens: u64,
+    /// Tokens the model wrote.
+    pub output_tokens: u64,
     /// Cost in millionths of a US dollar, kept integral so sums are exact.
     pub cost_micro_usd: u64,
 }
@@ -319,4 +327,24 @@ pub struct SessionFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SessionArchived {
     pub archived_by: String,
+}
+
+/// A budget this session draws on reached a share of its limit (80%): a warning before the wall.
+/// Appended by command-api after the usage that reached it, at most once per budget, scope and
+/// period (the unique index `events_budget_threshold_once` decides, across sessions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetThresholdReached {
+    pub workspace_id: String,
+    pub budget: BudgetKind,
+    /// Whose spending: `workspace`, `session:<session id>` or `person:<user id>`.
+    pub scope: String,
+    /// The period: `YYYY-MM` (UTC) for monthly budgets, `YYYY-MM-DD` (UTC) for daily ones, empty
+    /// for a session's whole life.
+    pub period: String,
+    /// The share of the limit reached, in percent.
+    pub percent: u8,
+    /// The limit, in the budget's unit.
+    pub limit: u64,
+    /// What was spent when it was noticed, in the budget's unit.
+    pub spent: u64,
 }

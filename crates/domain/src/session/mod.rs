@@ -15,5 +15,6 @@ pub use events::*;
 pub use rules::READ_ONLY_TOOLS;
 pub use state::{
     ApprovalRecord, ApprovalStatus, Participant, PlanRecord, PlanStatus, PromptRecord,
-    PromptStatus, Session, SessionStatus,
+    PromptStatus, RECENT_CHECKPOINTS, RECENT_FINISHED_PROMPTS, Session, SessionPolicy,
+    SessionStatus, SnapshotShape,
 };

@@ -19,8 +19,8 @@ use crate::session::{
     PlanStatus, PromptCancelled, PromptCompleted, PromptFailed, PromptRecord, PromptStarted,
     PromptStatus, PromptSubmitted, PushRequested, RestoreRequested, SandboxStarted, SandboxStopped,
     Session, SessionArchived, SessionCommand, SessionCompleted, SessionEvent, SessionFailed,
-    SessionStarted, SessionStatus, ToolApprovalDenied, ToolApprovalGranted, ToolApprovalRequested,
-    ToolExecuted, ToolPhase, UsageRecorded,
+    SessionPolicy, SessionStarted, SessionStatus, ToolApprovalDenied, ToolApprovalGranted,
+    ToolApprovalRequested, ToolExecuted, ToolPhase, UsageRecorded,
 };
 use crate::validate::{optional, required};
 
@@ -28,9 +28,14 @@ use crate::validate::{optional, required};
 pub const READ_ONLY_TOOLS: [&str; 4] = ["read", "grep", "glob", "list"];
 
 impl Session {
-    /// Decides what `command` does to this session: the events to record, in order, or why it is
-    /// refused. Pure and deterministic; the `Aggregate::handle` impl only writes the result.
-    pub fn decide(&self, command: SessionCommand) -> Result<Vec<SessionEvent>, DomainError> {
+    /// Decides what `command` does to this session under `policy`: the events to record, in
+    /// order, or why it is refused. Pure and deterministic; the `Aggregate::handle` impl only
+    /// writes the result.
+    pub fn decide(
+        &self,
+        command: SessionCommand,
+        policy: &SessionPolicy,
+    ) -> Result<Vec<SessionEvent>, DomainError> {
         self.admit(&command)?;
         match command {
             SessionCommand::StartSession {
@@ -81,6 +86,9 @@ impl Session {
                 required("text", &text)?;
                 if self.prompts.contains_key(&prompt_id) {
                     return Err(DomainError::DuplicateId("prompt_id"));
+                }
+                if self.queue.len() >= policy.max_queued_prompts {
+                    return Err(DomainError::PromptQueueFull(policy.max_queued_prompts));
                 }
                 let mut events: Vec<SessionEvent> =
                     self.join_if_needed(&actor).into_iter().collect();
@@ -304,12 +312,18 @@ impl Session {
                 Ok(vec![
                     UsageRecorded {
                         prompt_id,
-                        tokens_in,
-                        tokens_out,
+                        input_tokens: tokens_in,
+                        output_tokens: tokens_out,
                         cost_micro_usd,
                     }
                     .into(),
                 ])
+            }
+            SessionCommand::RecordBudgetThreshold { threshold, .. } => {
+                if threshold.workspace_id != self.workspace_id {
+                    return Err(DomainError::NotFound);
+                }
+                Ok(vec![threshold.into()])
             }
             SessionCommand::RequestCheckpoint { actor, label } => {
                 optional("label", label.as_deref())?;

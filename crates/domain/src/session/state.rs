@@ -1,19 +1,58 @@
 //! The session aggregate's state: what the rules need to remember, folded from its events.
 //!
-//! It is snapshotted, so it stays compact (no prompt texts or tool output, which the read models
-//! keep) and uses only ordered collections, so the same events always serialize to the same bytes.
-//! `apply` only records facts; every decision lives in the rules module.
+//! It is snapshotted and loaded for every command, so it holds what the rules decide on and not
+//! the session's history: participants, the open prompts (queued, bounded by
+//! [`SessionPolicy::max_queued_prompts`], and the running one) with their plans and tool approval
+//! requests, and a short window of recently finished prompts and recent checkpoints. Its size
+//! does not grow with the number of prompts a session has seen (no prompt texts or tool output
+//! either: the read models keep those). It uses only ordered collections, so the same events
+//! always serialize to the same bytes. `apply` only records facts; every decision lives in the
+//! rules module.
+//!
+//! A prompt that leaves the finished window is forgotten: a command naming it is refused as
+//! `prompt_not_found` instead of `prompt_finished`, so "a finished prompt takes no more events"
+//! holds for every prompt, remembered or not. Reusing a forgotten prompt, plan, request or
+//! checkpoint id is refused by the event store's unique indexes on those ids (see
+//! `migrations/20261130003000_event_ids_once.sql`), which command-api answers as `duplicate_id`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::actor::Role;
 use crate::error::DomainError;
 use crate::session::{SessionCommand, SessionEvent};
+
+/// How many finished prompts the state remembers (with their plans and tool approval requests),
+/// so late reports and answers about them are told `prompt_finished` precisely.
+pub const RECENT_FINISHED_PROMPTS: usize = 32;
+
+/// How many of the latest checkpoints a restore can go back to.
+pub const RECENT_CHECKPOINTS: usize = 256;
+
+/// The settings the session's rules take from the service that runs them (cqrs-es `Services`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// Prompts a session may hold queued (not counting the running one); one more is refused
+    /// with `prompt_queue_full`.
+    pub max_queued_prompts: usize,
+}
+
+impl SessionPolicy {
+    /// The default of `CANOPY_MAX_QUEUED_PROMPTS`.
+    pub const DEFAULT_MAX_QUEUED_PROMPTS: usize = 100;
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        Self {
+            max_queued_prompts: Self::DEFAULT_MAX_QUEUED_PROMPTS,
+        }
+    }
+}
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +111,7 @@ pub struct Participant {
     pub role: Role,
 }
 
-/// What the rules remember about one prompt.
+/// What the rules remember about one open or recently finished prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PromptRecord {
     pub author_id: String,
@@ -81,46 +120,103 @@ pub struct PromptRecord {
     pub plan_id: Option<Uuid>,
 }
 
-/// What the rules remember about one plan.
+/// What the rules remember about one plan of an open or recently finished prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanRecord {
     pub prompt_id: Uuid,
     pub status: PlanStatus,
 }
 
-/// What the rules remember about one tool approval request. Answered requests are kept so a
-/// second answer is told "already decided" and a reused id is told "duplicate".
+/// What the rules remember about one tool approval request of an open or recently finished
+/// prompt. Answered requests are kept with their prompt so a second answer is told "already
+/// decided".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRecord {
     pub prompt_id: Uuid,
     pub status: ApprovalStatus,
 }
 
+/// The layout of the serialized state. A snapshot written with another layout (the first one
+/// kept every prompt, plan and approval the session ever saw) fails to decode, and the event
+/// store then ignores it and folds the session from its events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotShape;
+
+impl SnapshotShape {
+    pub const CURRENT: u32 = 2;
+}
+
+impl Serialize for SnapshotShape {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u32(Self::CURRENT)
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotShape {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let shape = u32::deserialize(deserializer)?;
+        if shape == Self::CURRENT {
+            Ok(Self)
+        } else {
+            Err(serde::de::Error::custom(format_args!(
+                "session snapshot of shape {shape}, expected {}",
+                Self::CURRENT
+            )))
+        }
+    }
+}
+
 /// The session aggregate: one multiplayer coding session on one repository branch.
+// Every field but `shape` defaults when missing, so that snapshots of the current shape taken
+// before a field was added still load; a snapshot without `shape` is of the first layout.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-// Missing fields default so that snapshots taken before a field was added still load.
-#[serde(default)]
 pub struct Session {
+    pub(crate) shape: SnapshotShape,
+    #[serde(default)]
     pub(crate) status: SessionStatus,
+    #[serde(default)]
     pub(crate) session_id: Option<Uuid>,
+    #[serde(default)]
     pub(crate) workspace_id: String,
+    #[serde(default)]
     pub(crate) feature_id: Option<Uuid>,
+    #[serde(default)]
     pub(crate) title: String,
+    #[serde(default)]
     pub(crate) repository_url: String,
+    #[serde(default)]
     pub(crate) base_branch: String,
+    #[serde(default)]
     pub(crate) session_branch: String,
+    #[serde(default)]
     pub(crate) started_by: String,
+    #[serde(default)]
     pub(crate) participants: Vec<Participant>,
     /// Queued prompt ids, oldest first.
+    #[serde(default)]
     pub(crate) queue: Vec<Uuid>,
+    #[serde(default)]
     pub(crate) running: Option<Uuid>,
+    /// The queued and running prompts, and the recently finished ones of `finished`.
+    #[serde(default)]
     pub(crate) prompts: BTreeMap<Uuid, PromptRecord>,
+    /// The plans of the prompts in `prompts`.
+    #[serde(default)]
     pub(crate) plans: BTreeMap<Uuid, PlanRecord>,
+    /// The tool approval requests of the prompts in `prompts`.
+    #[serde(default)]
     pub(crate) tool_approvals: BTreeMap<Uuid, ApprovalRecord>,
-    /// Checkpoint ids in the order they were taken.
+    /// The last [`RECENT_FINISHED_PROMPTS`] prompts to finish, oldest first.
+    #[serde(default)]
+    pub(crate) finished: VecDeque<Uuid>,
+    /// The last [`RECENT_CHECKPOINTS`] checkpoint ids, in the order they were taken.
+    #[serde(default)]
     pub(crate) checkpoints: Vec<Uuid>,
+    #[serde(default)]
     pub(crate) pending_restore: Option<Uuid>,
+    #[serde(default)]
     pub(crate) opencode_session_id: Option<String>,
+    #[serde(default)]
     pub(crate) sandbox_id: Option<String>,
 }
 
@@ -129,17 +225,17 @@ impl Aggregate for Session {
     type Command = SessionCommand;
     type Event = SessionEvent;
     type Error = DomainError;
-    type Services = ();
+    type Services = SessionPolicy;
 
     async fn handle(
         &mut self,
         command: Self::Command,
-        _services: &Self::Services,
+        policy: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
         // Deciding everything before writing anything keeps a refusal all-or-nothing: no event
         // of a refused command is ever applied.
-        for event in self.decide(command)? {
+        for event in self.decide(command, policy)? {
             sink.write(event, self).await;
         }
         Ok(())
@@ -222,7 +318,12 @@ impl Aggregate for Session {
             SessionEvent::ToolApprovalDenied(e) => {
                 self.set_approval_status(e.request_id, ApprovalStatus::Denied);
             }
-            SessionEvent::CheckpointTaken(e) => self.checkpoints.push(e.checkpoint_id),
+            SessionEvent::CheckpointTaken(e) => {
+                self.checkpoints.push(e.checkpoint_id);
+                if self.checkpoints.len() > RECENT_CHECKPOINTS {
+                    self.checkpoints.remove(0);
+                }
+            }
             SessionEvent::RestoreRequested(e) => self.pending_restore = Some(e.checkpoint_id),
             SessionEvent::CheckpointRestored(_) => self.pending_restore = None,
             SessionEvent::SandboxStarted(e) => {
@@ -241,6 +342,7 @@ impl Aggregate for Session {
             SessionEvent::ToolExecuted(_)
             | SessionEvent::AgentMessageRecorded(_)
             | SessionEvent::UsageRecorded(_)
+            | SessionEvent::BudgetThresholdReached(_)
             | SessionEvent::CheckpointRequested(_)
             | SessionEvent::PushRequested(_)
             | SessionEvent::BranchPushed(_) => {}
@@ -307,6 +409,7 @@ impl Session {
         self.running
     }
 
+    /// An open or recently finished prompt.
     pub fn prompt(&self, prompt_id: Uuid) -> Option<&PromptRecord> {
         self.prompts.get(&prompt_id)
     }
@@ -327,7 +430,7 @@ impl Session {
             .map(|(id, r)| (*id, r))
     }
 
-    /// Checkpoint ids in the order they were taken.
+    /// The latest checkpoint ids (up to [`RECENT_CHECKPOINTS`]) in the order they were taken.
     pub fn checkpoints(&self) -> &[Uuid] {
         &self.checkpoints
     }
@@ -357,6 +460,22 @@ impl Session {
         if self.running == Some(prompt_id) {
             self.running = None;
         }
+        if self.prompts.contains_key(&prompt_id) && !self.finished.contains(&prompt_id) {
+            self.finished.push_back(prompt_id);
+        }
+        while self.finished.len() > RECENT_FINISHED_PROMPTS {
+            if let Some(forgotten) = self.finished.pop_front() {
+                self.forget_prompt(forgotten);
+            }
+        }
+    }
+
+    /// Drops a finished prompt and everything of it from the state.
+    fn forget_prompt(&mut self, prompt_id: Uuid) {
+        self.prompts.remove(&prompt_id);
+        self.plans.retain(|_, plan| plan.prompt_id != prompt_id);
+        self.tool_approvals
+            .retain(|_, request| request.prompt_id != prompt_id);
     }
 
     fn set_plan_status(&mut self, plan_id: Uuid, status: PlanStatus) {
@@ -478,8 +597,16 @@ mod tests {
     }
 
     #[test]
-    fn empty_snapshot_fields_default() {
-        let session: Session = serde_json::from_str("{}").unwrap();
+    fn missing_fields_of_the_current_shape_default() {
+        let session: Session = serde_json::from_str(r#"{"shape":2}"#).unwrap();
         assert_eq!(session, Session::default());
+    }
+
+    #[test]
+    fn a_snapshot_of_another_shape_does_not_decode() {
+        // the first layout had no `shape` and kept every prompt
+        let first = r#"{"status":"active","queue":[],"prompts":{}}"#;
+        assert!(serde_json::from_str::<Session>(first).is_err());
+        assert!(serde_json::from_str::<Session>(r#"{"shape":3}"#).is_err());
     }
 }

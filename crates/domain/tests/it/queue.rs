@@ -282,8 +282,8 @@ fn agent_messages_and_usage_are_recorded_for_the_running_prompt() {
         .then_expect_events(vec![
             UsageRecorded {
                 prompt_id: P1,
-                tokens_in: 1200,
-                tokens_out: 340,
+                input_tokens: 1200,
+                output_tokens: 340,
                 cost_micro_usd: 5600,
             }
             .into(),

@@ -133,19 +133,27 @@ fn checked_in_event_schemas_match_the_code() {
 }
 
 #[test]
-fn every_event_type_has_one_schema_at_version_1() {
+fn every_event_type_has_a_schema_at_each_version_it_was_stored_at() {
     let schemas = event_schemas();
     let mut seen = std::collections::BTreeSet::new();
     for schema in &schemas {
         assert!(
-            seen.insert((schema.aggregate_type, schema.event_type)),
-            "{} listed twice",
-            schema.event_type
+            seen.insert((schema.aggregate_type, schema.event_type, schema.version)),
+            "{} v{} listed twice",
+            schema.event_type,
+            schema.version
         );
-        assert_eq!(schema.version, "1", "{}", schema.event_type);
+        let expected = if schema.event_type == "UsageRecorded" {
+            ["1", "2"].as_slice()
+        } else {
+            ["1"].as_slice()
+        };
+        assert!(expected.contains(&schema.version), "{}", schema.event_type);
         assert_eq!(schema.schema["title"], schema.event_type);
     }
-    assert_eq!(schemas.len(), 28 + 5);
+    // 29 session, 5 feature, 6 webhook and 2 budget event types, the erasure, and
+    // UsageRecorded's version 1
+    assert_eq!(schemas.len(), 29 + 5 + 6 + 2 + 1 + 1);
 }
 
 #[test]
@@ -273,6 +281,37 @@ fn every_feature_event_serializes_as_its_schema_says() {
 }
 
 #[test]
+fn every_budget_event_serializes_as_its_schema_says() {
+    let events: Vec<BudgetEvent> = vec![
+        BudgetSet {
+            workspace_id: "ws".into(),
+            kind: BudgetKind::SessionAgentSeconds,
+            limit: 600,
+            set_by: "u".into(),
+        }
+        .into(),
+        BudgetCleared {
+            workspace_id: "ws".into(),
+            kind: BudgetKind::SessionAgentSeconds,
+            cleared_by: "u".into(),
+        }
+        .into(),
+    ];
+    assert_eq!(events.len(), BudgetEvent::schemas().len());
+    for event in events {
+        let stored = serde_json::to_value(&event).unwrap();
+        check_shape(
+            "budget",
+            &event.event_type(),
+            &event.event_version(),
+            stored.clone(),
+        );
+        let back: BudgetEvent = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, event);
+    }
+}
+
+#[test]
 fn unknown_fields_are_tolerated_and_missing_optionals_are_none() {
     let stored = serde_json::json!({
         "PromptCompleted": {
@@ -301,4 +340,51 @@ fn event_type_and_version_come_from_the_payload_table() {
     assert_eq!(event.event_version(), PromptStarted::VERSION);
     assert_eq!(PromptStarted::AGGREGATE_TYPE, "session");
     assert_eq!(FeatureCreated::AGGREGATE_TYPE, "feature");
+}
+
+#[test]
+fn a_usage_recorded_stored_at_version_1_is_upcast_to_version_2() {
+    use canopy_domain::session::UsageRecorded;
+    use canopy_domain::upcast::{decode_session_event, upcast};
+    let prompt = uuid::Uuid::new_v4();
+    let stored = serde_json::json!({"UsageRecorded": {
+        "prompt_id": prompt, "tokens_in": 1200, "tokens_out": 340, "cost_micro_usd": 5600
+    }});
+    let expected = SessionEvent::from(UsageRecorded {
+        prompt_id: prompt,
+        input_tokens: 1200,
+        output_tokens: 340,
+        cost_micro_usd: 5600,
+    });
+    // The stored shape is version 1's schema, kept under schemas/.
+    check_shape("session", "UsageRecorded", "1", stored.clone());
+    // Version 1 does not decode as the current struct, and decodes once upcast.
+    assert!(serde_json::from_value::<SessionEvent>(stored.clone()).is_err());
+    assert_eq!(
+        decode_session_event("UsageRecorded", "1", stored.clone()).unwrap(),
+        expected
+    );
+    assert_eq!(upcast("UsageRecorded", "1", stored).0, "2");
+    // The current version passes unchanged.
+    let current = serde_json::to_value(&expected).unwrap();
+    assert_eq!(
+        decode_session_event("UsageRecorded", "2", current).unwrap(),
+        expected
+    );
+    // As a cqrs-es upcaster too.
+    use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+    let step = &canopy_domain::upcast::UPCASTERS[0];
+    assert!(step.can_upcast("UsageRecorded", "1"));
+    assert!(!step.can_upcast("UsageRecorded", "2"));
+    let upcast = step.upcast(SerializedEvent {
+        aggregate_id: "s".into(),
+        sequence: 1,
+        aggregate_type: "session".into(),
+        event_type: "UsageRecorded".into(),
+        event_version: "1".into(),
+        payload: serde_json::json!({"UsageRecorded": {"prompt_id": prompt, "tokens_in": 1, "tokens_out": 2, "cost_micro_usd": 3}}),
+        metadata: serde_json::json!({}),
+    });
+    assert_eq!(upcast.event_version, "2");
+    assert_eq!(upcast.payload["UsageRecorded"]["input_tokens"], 1);
 }

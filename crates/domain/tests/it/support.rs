@@ -209,7 +209,16 @@ impl History {
     }
 
     pub(crate) fn when(self, command: SessionCommand) -> AggregateResultValidator<Session> {
-        TestFramework::<Session>::with(())
+        self.when_under(SessionPolicy::default(), command)
+    }
+
+    /// [`when`](Self::when), with the service's limits set to `policy`.
+    pub(crate) fn when_under(
+        self,
+        policy: SessionPolicy,
+        command: SessionCommand,
+    ) -> AggregateResultValidator<Session> {
+        TestFramework::<Session>::with(policy)
             .given(self.0)
             .when(command)
     }
@@ -406,8 +415,8 @@ pub(crate) mod ev {
             .into(),
             UsageRecorded {
                 prompt_id: P1,
-                tokens_in: 10,
-                tokens_out: 20,
+                input_tokens: 10,
+                output_tokens: 20,
                 cost_micro_usd: 30,
             }
             .into(),
@@ -450,6 +459,16 @@ pub(crate) mod ev {
             SessionFailed { reason: "x".into() }.into(),
             SessionArchived {
                 archived_by: owner().id,
+            }
+            .into(),
+            BudgetThresholdReached {
+                workspace_id: WS.into(),
+                budget: BudgetKind::WorkspaceMonthlyCost,
+                scope: "workspace".into(),
+                period: "2026-12".into(),
+                percent: 80,
+                limit: 100,
+                spent: 80,
             }
             .into(),
         ]);
@@ -720,6 +739,7 @@ pub(crate) mod cmd {
             | SessionCommand::RecordToolExecution { actor: a, .. }
             | SessionCommand::RecordAgentMessage { actor: a, .. }
             | SessionCommand::RecordUsage { actor: a, .. }
+            | SessionCommand::RecordBudgetThreshold { actor: a, .. }
             | SessionCommand::RequestCheckpoint { actor: a, .. }
             | SessionCommand::RecordCheckpoint { actor: a, .. }
             | SessionCommand::RequestRestore { actor: a, .. }

@@ -2,7 +2,9 @@
 
 mod append;
 mod chain;
+mod fence;
 mod invariants;
 mod notify;
 mod snapshots;
+mod state_cache;
 mod support;

@@ -97,6 +97,7 @@ async fn a_snapshot_that_no_longer_decodes_falls_back_to_replay() {
 /// snapshot holds exactly the state a full replay gives.
 #[tokio::test]
 async fn a_session_with_ten_thousand_events_loads_from_its_snapshot() {
+    use canopy_domain::session::SessionPolicy;
     use canopy_domain::{Actor, Role, Session, SessionCommand, SessionEvent};
     use cqrs_es::{Aggregate, DomainEvent};
     use uuid::Uuid;
@@ -111,7 +112,7 @@ async fn a_session_with_ten_thousand_events_loads_from_its_snapshot() {
     let mut replayed = Session::default();
     let mut history: Vec<SessionEvent> = Vec::new();
     fn decide(command: SessionCommand, state: &mut Session, history: &mut Vec<SessionEvent>) {
-        for event in state.decide(command).unwrap() {
+        for event in state.decide(command, &SessionPolicy::default()).unwrap() {
             state.apply(event.clone());
             history.push(event);
         }
@@ -197,7 +198,7 @@ async fn a_session_with_ten_thousand_events_loads_from_its_snapshot() {
                 actor: member.clone(),
                 prompt_id: last,
             },
-            &(),
+            &SessionPolicy::default(),
             &meta(),
             None,
         )
@@ -220,6 +221,94 @@ async fn a_session_with_ten_thousand_events_loads_from_its_snapshot() {
     assert_eq!(
         serde_json::to_value(&loaded.aggregate).unwrap(),
         serde_json::to_value(&replayed).unwrap()
+    );
+    assert!(loaded.aggregate.queue().is_empty());
+    // 5,000 prompts in, the snapshot is the size of what the rules decide on (the first
+    // layout kept all 5,000 prompts)
+    let size: i32 = sqlx::query_scalar(
+        "SELECT octet_length(payload::text) FROM snapshots WHERE aggregate_type = 'session' AND aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(size < 16 * 1024, "the snapshot is {size} bytes");
+}
+
+/// A session snapshot of the first layout (every prompt kept, no `shape`) is ignored: the
+/// session is folded from its events, and the next snapshot replaces it.
+#[tokio::test]
+async fn a_session_snapshot_of_the_first_layout_is_ignored() {
+    use canopy_domain::session::SessionPolicy;
+    use canopy_domain::{Actor, Role, Session, SessionCommand};
+    use uuid::Uuid;
+
+    let db = canopy_testkit::database().await.unwrap();
+    let store = AggregateStore::new(
+        db.pool().clone(),
+        StoreConfig {
+            snapshot_every: 4,
+            ..StoreConfig::default()
+        },
+    );
+    let member = Actor::person("u1", "Ada", Role::Member, "w1");
+    let session_id = Uuid::new_v4();
+    let id = session_id.to_string();
+    let (policy, meta) = (SessionPolicy::default(), meta());
+    let run = |command| store.execute::<Session>(&id, command, &policy, &meta, None);
+    run(SessionCommand::StartSession {
+        actor: member.clone(),
+        session_id,
+        workspace_id: "w1".into(),
+        feature_id: None,
+        title: "old".into(),
+        repository_url: "https://example.invalid/repo.git".into(),
+        base_branch: "main".into(),
+        session_branch: "canopy/old".into(),
+    })
+    .await
+    .unwrap();
+    let prompt = Uuid::new_v4();
+    run(SessionCommand::SubmitPrompt {
+        actor: member.clone(),
+        prompt_id: prompt,
+        text: "hi".into(),
+    })
+    .await
+    .unwrap();
+    // what the first layout wrote at version 3: it disagrees with the events (an empty queue)
+    let ghost = Uuid::new_v4();
+    let old = serde_json::json!({
+        "status": "active", "session_id": session_id, "workspace_id": "w1", "title": "old",
+        "participants": [], "queue": [ghost], "running": null,
+        "prompts": {ghost.to_string(): {"author_id": "u1", "status": "queued", "plan_id": null}},
+        "plans": {}, "tool_approvals": {}, "checkpoints": [],
+    });
+    sqlx::query(
+        "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
+         VALUES ('session', $1, 3, 1, $2)",
+    )
+    .bind(&id)
+    .bind(&old)
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let loaded = store.load::<Session>(&id).await.unwrap();
+    assert_eq!((loaded.snapshot_version, loaded.events_replayed), (None, 3));
+    assert_eq!(loaded.aggregate.queue(), [prompt]);
+
+    // the append that crosses version 4 writes a snapshot of the current shape over it
+    run(SessionCommand::CancelPrompt {
+        actor: member,
+        prompt_id: prompt,
+    })
+    .await
+    .unwrap();
+    let loaded = store.load::<Session>(&id).await.unwrap();
+    assert_eq!(
+        (loaded.snapshot_version, loaded.events_replayed),
+        (Some(4), 0)
     );
     assert!(loaded.aggregate.queue().is_empty());
 }

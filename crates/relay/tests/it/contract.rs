@@ -25,8 +25,8 @@ async fn subject_headers_and_envelope_match_the_contract() -> anyhow::Result<()>
         .execute::<Tally>(&aggregate_id, Add { n: 7, times: 2 }, &(), &metadata, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (event_id, xid, position, recorded_at): (Uuid, i64, i64, DateTime<Utc>) = sqlx::query_as(
-        "SELECT event_id, transaction_id::text::bigint, position, recorded_at FROM events \
+    let (event_id, xid, position, recorded_at, hash): (Uuid, i64, i64, DateTime<Utc>, String) = sqlx::query_as(
+        "SELECT event_id, transaction_id::text::bigint, position, recorded_at, encode(hash, 'hex') FROM events \
               WHERE aggregate_id = $1 AND sequence = 2",
     )
     .bind(&aggregate_id)
@@ -80,6 +80,8 @@ async fn subject_headers_and_envelope_match_the_contract() -> anyhow::Result<()>
         message.header(headers::TRANSACTION_ID),
         Some(xid.to_string().as_str())
     );
+    // the chain hash: the stream's head as of this event, outside the database
+    assert_eq!(message.header(headers::CHAIN_HASH), Some(hash.as_str()));
     // the fence: the second message must follow the first
     assert_eq!(message.header(headers::EXPECTED_LAST_SEQUENCE), Some("1"));
 

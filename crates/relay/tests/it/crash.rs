@@ -61,7 +61,7 @@ async fn aborting_the_relay_between_puback_and_checkpoint_loses_and_copies_nothi
     for _ in 0..5 {
         // a backlog, so the relay is mid-way through batches when it dies
         append_events(&db.pool, 600).await?;
-        let client = async_nats::connect(&nats.url).await?;
+        let client = canopy_testkit::connect_nats(&nats.url).await?;
         let relay = RunningRelay::start(config.clone(), db.pool.clone(), client.clone());
         let mut acked = relay.relay.watch_acked();
         let checkpoint_of = |relay: &RunningRelay| relay.status().checkpoint;

@@ -17,12 +17,12 @@ async fn the_standby_takes_over_within_seconds_without_gap_or_copy() -> anyhow::
         RunningRelay::start(
             config.clone(),
             db.new_pool(4).await?,
-            async_nats::connect(&nats.url).await?,
+            canopy_testkit::connect_nats(&nats.url).await?,
         ),
         RunningRelay::start(
             config.clone(),
             db.new_pool(4).await?,
-            async_nats::connect(&nats.url).await?,
+            canopy_testkit::connect_nats(&nats.url).await?,
         ),
     ];
     let writers = Writers::start(&db.pool, 3, Duration::from_millis(5));

@@ -9,3 +9,4 @@ mod leader;
 mod outage;
 mod recovery;
 mod support;
+mod wake;

@@ -83,17 +83,19 @@ pub(crate) fn config(prefix: &str) -> RelayConfig {
 }
 
 /// Appends one event to `aggregate_id` with plain SQL, in its own transaction (the triggers
-/// give it its id, position and transaction id).
+/// give it its id, position and transaction id), and notifies the relay in the same statement,
+/// as a writer other than the store must (or wait for the relay's poll).
 pub(crate) async fn insert_event(
     executor: impl sqlx::PgExecutor<'_>,
     aggregate_id: &str,
     sequence: i64,
 ) -> Result<(Uuid, Cursor)> {
     let (id, xid, position): (Uuid, i64, i64) = sqlx::query_as(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+        "WITH e AS (INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
          payload, metadata) VALUES ('tally', $1, $2, 'Added', '1', '{\"Added\":{\"n\":1}}', \
          '{\"actor_id\":\"u\",\"actor_name\":\"U\",\"actor_kind\":\"user\",\"correlation_id\":\"c\",\"request_id\":\"r\"}') \
-         RETURNING event_id, transaction_id::text::bigint, position",
+         RETURNING event_id, transaction_id::text::bigint, position) \
+         SELECT e.* FROM e, pg_notify('canopy_events', '')",
     )
     .bind(aggregate_id)
     .bind(sequence)

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use canopy_opencode::TurnEnd;
-use canopy_sandbox::{Error, ExecRequest, SandboxProvider};
+use canopy_sandbox::{Error, ExecRequest, ModelUpstream, SandboxMode, SandboxProvider};
 use canopy_testkit::{Script, Step};
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use crate::support::{Harness, client, titled_session, tool_outputs, turn};
+use crate::upstream::{Upstream, completions};
 
 fn bash(command: String) -> Step {
     Step::tool(
@@ -31,6 +32,17 @@ fn port_of(url: &str) -> u16 {
 
 #[tokio::test]
 async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
+    hostile_agent(false).await;
+}
+
+/// The same probes with the provider rootless, whoever runs the test: as root this is the
+/// unprivileged path (no uid lease, no chown, no setpriv, bwrap's own user namespace).
+#[tokio::test]
+async fn rootless_agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
+    hostile_agent(true).await;
+}
+
+async fn hostile_agent(force_rootless: bool) {
     let pg = port_of(&canopy_testkit::pg_server().await.unwrap().url);
     let nats = port_of(&canopy_testkit::nats_server().await.unwrap().url);
     // The probes below mean something only if the services answer on the host.
@@ -41,7 +53,12 @@ async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
     }
 
     // Placeholders: the harness knows the paths only once it exists.
-    let h = Harness::start(Script::new()).await.unwrap();
+    let h = if force_rootless {
+        Harness::start_rootless(Script::new()).await.unwrap()
+    } else {
+        Harness::start(Script::new()).await.unwrap()
+    };
+    let mode = h.mode();
     let other = h.spec("other-session");
     let other_uid = h.provider.prepare(&other).await.unwrap();
     let secret = "other-sandbox-secret-7f3a";
@@ -54,13 +71,15 @@ async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
         .await
         .unwrap();
     assert_eq!(wrote.code, Some(0), "{wrote:?}");
-    assert_eq!(wrote.stdout.trim(), other_uid.to_string());
+    assert_eq!(wrote.stdout.trim(), mode.uid_inside(other_uid).to_string());
     let other_ws = h.workspace("other-session");
     let host_home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned());
 
     h.model.push([
         bash(format!(
-            "cat /etc/shadow; ls {host_home}; cat {}/secret.txt; ls /run/canopy-host; id -u",
+            "cat /etc/shadow; ls {host_home}; cat {}/secret.txt; ls /run/canopy-host; id -u; \
+             echo \"uid_map: $(awk '{{print $1 \"/\" $3}}' /proc/self/uid_map | tr '\\n' ' ')\"; \
+             echo \"caps: $(awk '/^CapEff/ {{print $2}}' /proc/self/status)\"",
             other_ws.display()
         )),
         bash(
@@ -77,7 +96,18 @@ async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
         Step::text("Probed."),
     ]);
     let info = h.provider.start(h.spec("hostile")).await.unwrap();
-    assert_ne!(info.uid, other_uid, "every sandbox has its own uid");
+    let own_uid = rustix::process::geteuid().as_raw();
+    match mode {
+        SandboxMode::Root => {
+            assert_ne!(info.uid, other_uid, "every sandbox has its own uid");
+            assert_ne!(info.uid, own_uid);
+        }
+        SandboxMode::Rootless => {
+            // One host uid for all: the namespaces (checked below) keep them apart.
+            assert_eq!(info.uid, other_uid);
+            assert_eq!(info.uid, own_uid, "runs as the invoking user");
+        }
+    }
     let client = client(&info).unwrap();
     let session = titled_session(&client).await.unwrap();
 
@@ -105,10 +135,17 @@ async fn agent_bash_cannot_reach_host_secrets_services_or_other_sandboxes() {
         "{files}"
     );
     assert!(!files.contains(secret), "{files}");
+    let inside = mode.uid_inside(info.uid);
     assert!(
-        files.contains(&info.uid.to_string()),
+        files.contains(&format!("\n{inside}\n")),
         "runs as its own uid: {files}"
     );
+    // Its own user namespace, where exactly one uid (its own) maps to the host uid.
+    assert!(
+        files.contains(&format!("uid_map: {inside}/1 \n")),
+        "{files}"
+    );
+    assert!(files.contains("caps: 0000000000000000"), "{files}");
 
     let env = &outputs[1];
     assert!(
@@ -321,4 +358,188 @@ async fn agent_tools_cannot_use_opencode_read_its_password_or_write_its_home() {
     );
 
     h.provider.remove("closed").await.unwrap();
+}
+
+#[tokio::test]
+async fn sandbox_processes_reach_only_chat_completions_through_the_model_socket() {
+    let fake = Upstream::start(completions).await;
+    let key = "sk-escape-test-key";
+    let base_url = fake.base_url();
+    let h = Harness::start_adjusted(Script::new(), move |config| {
+        config.model = ModelUpstream {
+            base_url,
+            api_key: key.to_owned(),
+        };
+    })
+    .await
+    .unwrap();
+    h.provider.start(h.spec("model-probe")).await.unwrap();
+
+    // Any process of the sandbox uid can connect to the model socket; the exec has no guard.
+    let probe = r#"
+probe() { printf '%s %s -> ' "$1" "$2"; curl -sS --path-as-is --unix-socket /run/canopy-host/model.sock \
+  -o /dev/null -w '%{http_code}\n' -X "$1" -H 'content-type: application/json' -d '{}' "http://127.0.0.1:8080$2"; }
+probe POST '/v1/%2e%2e/%2e%2e/secret'
+probe GET '/v1/%2e%2e/%2e%2e/secret'
+probe POST '/v1/chat%2fcompletions'
+probe GET '/v1/files'
+probe POST '/v1/files'
+probe POST '/v1/batches'
+probe DELETE '/v1/models/m'
+probe POST '/v1/chat/completions'
+"#;
+    let out = h
+        .provider
+        .exec("model-probe", ExecRequest::new(probe))
+        .await
+        .unwrap();
+    let text = format!("{}{}", out.stdout, out.stderr);
+
+    for line in text.lines().filter(|line| line.contains(" -> ")) {
+        let allowed = line.starts_with("POST /v1/chat/completions ");
+        let status = line.rsplit(' ').next().unwrap_or_default();
+        if allowed {
+            assert_eq!(status, "200", "{text}");
+        } else {
+            assert!(["403", "404", "405"].contains(&status), "{line}\n{text}");
+        }
+    }
+    assert_eq!(text.matches(" -> ").count(), 8, "{text}");
+    let seen = fake.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.target == "/v1/chat/completions" || s.target == "/v1/models"),
+        "the proxy reached other paths with the key: {seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.authorization.as_deref() == Some(&*format!("Bearer {key}"))),
+        "{seen:#?}"
+    );
+    let usage = h.provider.model_usage("model-probe").await.unwrap();
+    assert_eq!(usage.refused(), 7, "{:?}", usage.last_refusal());
+    assert_eq!(usage.calls(), 1);
+
+    h.provider.remove("model-probe").await.unwrap();
+}
+
+/// A server the sandbox puts in OpenCode's place: it answers any API call with 200 MB of JSON
+/// and the event stream with one 100 MB event, then stops when `/workspace/.stop` appears (or
+/// the workspace is gone, or after a minute).
+const IMPOSTOR: &str = r#"
+cat > /tmp/serve.sh <<'SCRIPT'
+read -r method target version
+case "$target" in
+  */event*) printf 'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: '
+            head -c 100000000 /dev/zero | tr '\0' a; printf '\n\n' ;;
+  *) printf 'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n'
+     head -c 200000000 /dev/zero | tr '\0' ' ' ;;
+esac
+SCRIPT
+rm -f /run/canopy/opencode.sock
+socat UNIX-LISTEN:/run/canopy/opencode.sock,fork,mode=600 SYSTEM:'bash /tmp/serve.sh' &
+# Until the test says stop, the test's files are gone, or a minute passed.
+for _ in $(seq 600); do [ -e /workspace/.stop ] || [ ! -e /workspace/README.md ] && break; sleep 0.1; done
+kill %1
+"#;
+
+/// Creates the file that ends [`IMPOSTOR`], also when the test fails: the exec would otherwise
+/// run on and keep the test's runtime from shutting down.
+struct StopImpostor(std::path::PathBuf);
+
+impl Drop for StopImpostor {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "");
+    }
+}
+
+#[tokio::test]
+async fn a_process_posing_as_opencode_cannot_make_the_host_read_without_bound() {
+    let h = Harness::start(Script::new()).await.unwrap();
+    let info = h.provider.start(h.spec("impostor")).await.unwrap();
+    let stop = StopImpostor(h.workspace("impostor").join(".stop"));
+    let provider = h.provider.clone();
+    let impostor =
+        tokio::spawn(async move { provider.exec("impostor", ExecRequest::new(IMPOSTOR)).await });
+
+    // Until the impostor listens, the real OpenCode answers. A fresh client each time: a pooled
+    // connection would stay with the real one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        match client(&info).unwrap().sessions().await {
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(_) => panic!("the impostor never took OpenCode's place"),
+            Err(error) => break error.to_string(),
+        }
+    };
+    assert!(error.contains("larger than"), "{error}");
+
+    let mut events = client(&info).unwrap().events().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("the event stream answered");
+    match first {
+        Some(Err(error)) => assert!(error.to_string().contains("larger than"), "{error}"),
+        other => panic!("expected the oversized event to end the stream: {other:?}"),
+    }
+
+    drop(stop);
+    let done = tokio::time::timeout(Duration::from_secs(30), impostor)
+        .await
+        .expect("the impostor stopped")
+        .unwrap();
+    assert!(done.is_ok(), "{done:?}");
+    h.provider.remove("impostor").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_seccomp_filter_denies_the_kernel_surface_a_build_never_needs() {
+    let h = Harness::start(Script::new()).await.unwrap();
+    let spec = h.spec("seccomp-session");
+    h.provider.prepare(&spec).await.unwrap();
+    // x86-64 numbers: each call is one an unprivileged process may make without the filter
+    // (a key, an io_uring, a userfaultfd in user mode), or one the filter must refuse before
+    // the kernel's own checks (bpf, perf events, mount); ENOSYS (38) is the filter's answer
+    let probe = r#"
+        my %calls = (add_key => [248, "user", "k", "v", 1, -3], keyctl => [250, 0, -3],
+            io_uring_setup => [425, 1, "\0" x 120], userfaultfd => [323, 1],
+            bpf => [321, 0, "\0" x 128, 128], perf_event_open => [298, "\0" x 128, 0, -1, -1, 0],
+            mount => [165, "none", "/canopy-no-such-dir", "tmpfs", 0, 0]);
+        for my $name (sort keys %calls) {
+            my ($nr, @args) = @{$calls{$name}};
+            $! = 0;
+            my $r = syscall($nr, @args);
+            printf "%s %d %d\n", $name, $r, $! + 0;
+        }
+        printf "getpid %d\n", syscall(39) > 0 ? 1 : 0;
+    "#;
+    assert!(!probe.contains('\''));
+    let out = h
+        .provider
+        .exec(
+            "seccomp-session",
+            ExecRequest::new(format!("/usr/bin/perl -e '{probe}'")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    for name in [
+        "add_key",
+        "bpf",
+        "io_uring_setup",
+        "keyctl",
+        "mount",
+        "perf_event_open",
+        "userfaultfd",
+    ] {
+        assert!(
+            lines.contains(&format!("{name} -1 38").as_str()),
+            "{name} was not denied by the filter: {}",
+            out.stdout
+        );
+    }
+    assert!(lines.contains(&"getpid 1"), "{}", out.stdout);
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use canopy_sandbox::{
-    CommitRequest, Error, ExecRequest, PushRequest, SandboxProvider, SandboxSpec,
+    CommitRequest, Error, ExecRequest, PushRequest, SandboxMode, SandboxProvider, SandboxSpec,
 };
 use canopy_testkit::Script;
 
@@ -39,7 +39,15 @@ fn owners(dir: &Path) -> Vec<(String, u32)> {
 
 #[tokio::test]
 async fn commit_restore_and_push_ignore_what_the_workspace_configures() {
-    let h = Harness::start(Script::new()).await.unwrap();
+    git_ops(Harness::start(Script::new()).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn rootless_commit_restore_and_push_ignore_what_the_workspace_configures() {
+    git_ops(Harness::start_rootless(Script::new()).await.unwrap()).await;
+}
+
+async fn git_ops(h: Harness) {
     let id = "git-ops";
     let uid = h.provider.prepare(&h.spec(id)).await.unwrap();
     let workspace = h.workspace(id);
@@ -241,11 +249,23 @@ async fn the_clone_runs_as_the_uid_within_its_scheme_time_and_size_limits() {
         assert!(!h.root.join(id).exists(), "refused before anything ran");
     }
 
-    // A source only root can read: a clone as root would succeed, the uid's fails.
+    // A source only its owner (the test's user) can read: the sandbox uid's clone fails as
+    // root; rootless, the clone runs as that very user, and it succeeds.
     std::fs::set_permissions(&h.repository, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let error = h.provider.prepare(&h.spec("root-only")).await.unwrap_err();
-    assert!(matches!(error, Error::Command { .. }), "{error}");
-    assert!(!h.workspace("root-only").exists());
+    let cloned = h.provider.prepare(&h.spec("owner-only")).await;
+    match h.mode() {
+        SandboxMode::Root => {
+            let error = cloned.unwrap_err();
+            assert!(matches!(error, Error::Command { .. }), "{error}");
+            assert!(!h.workspace("owner-only").exists());
+        }
+        SandboxMode::Rootless => {
+            let uid = cloned.unwrap();
+            assert_eq!(uid, rustix::process::geteuid().as_raw());
+            assert_eq!(owner(&h.workspace("owner-only")), uid);
+            assert!(h.workspace("owner-only").join("README.md").is_file());
+        }
+    }
     std::fs::set_permissions(&h.repository, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // Past the size cap (8 MiB of incompressible data against 4 MiB).
@@ -258,7 +278,13 @@ async fn the_clone_runs_as_the_uid_within_its_scheme_time_and_size_limits() {
     let error = h.provider.prepare(&h.spec("too-big")).await.unwrap_err();
     assert!(matches!(error, Error::CloneTooLarge { .. }), "{error}");
     assert!(!h.workspace("too-big").exists());
-    assert!(!h.root.join("too-big").join("workspace.new").exists());
+    assert!(
+        !h.root
+            .join("too-big")
+            .join("data")
+            .join("workspace.new")
+            .exists()
+    );
 
     let h = Harness::start_adjusted(Script::new(), |config| {
         config.clone.timeout = Duration::ZERO;

@@ -12,11 +12,13 @@ use canopy_opencode::{
 };
 use canopy_sandbox::{
     BubblewrapConfig, BubblewrapProvider, EgressPolicy, Limits, ModelUpstream, SandboxInfo,
-    SandboxSpec,
+    SandboxMode, SandboxSpec,
 };
 use canopy_testkit::{ModelServer, SCRIPTED_MODEL_ID, Script};
 
 pub(crate) const PROVIDER_ID: &str = "fake";
+/// `1`: every harness runs its provider rootless, also as root (the whole suite in that mode).
+const FORCE_ROOTLESS_ENV: &str = "CANOPY_TEST_SANDBOX_ROOTLESS";
 
 pub(crate) struct Harness {
     pub(crate) model: ModelServer,
@@ -77,6 +79,7 @@ impl Harness {
         );
         config.shell_binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_canopy-sandbox-shell")));
         config.clone.allowed_schemes = vec!["https".to_owned(), "file".to_owned()];
+        config.force_rootless = std::env::var_os(FORCE_ROOTLESS_ENV).is_some_and(|v| v == "1");
         adjust(&mut config);
         let provider = Arc::new(BubblewrapProvider::new(config)?);
         Ok(Self {
@@ -87,6 +90,17 @@ impl Harness {
             repository,
             _dir: dir,
         })
+    }
+
+    /// A harness whose provider runs rootless whoever runs the test.
+    pub(crate) async fn start_rootless(script: Script) -> Result<Self> {
+        let h = Self::start_adjusted(script, |config| config.force_rootless = true).await?;
+        anyhow::ensure!(h.mode() == SandboxMode::Rootless, "forced rootless");
+        Ok(h)
+    }
+
+    pub(crate) fn mode(&self) -> SandboxMode {
+        self.provider.mode()
     }
 
     pub(crate) fn spec(&self, id: &str) -> SandboxSpec {
@@ -101,8 +115,48 @@ impl Harness {
 
     /// Where the sandbox `id` keeps its workspace on the host.
     pub(crate) fn workspace(&self, id: &str) -> PathBuf {
-        self.root.join(id).join("workspace")
+        self.root.join(id).join("data").join("workspace")
     }
+}
+
+/// Whatever a test mounted under its root is unmounted when the harness goes, even when the
+/// test failed (a stopped or removed sandbox has nothing mounted; a failed test may).
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for point in mounts_under(&self.root) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&point)
+                .status();
+        }
+    }
+}
+
+/// The mount points of this process's namespace under `dir` (mountinfo's 5th field).
+pub(crate) fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| point.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The loop devices whose backing file is `image`.
+pub(crate) fn loops_backed_by(image: &Path) -> Vec<String> {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    devices
+        .flatten()
+        .filter(|device| {
+            std::fs::read_to_string(device.path().join("loop/backing_file"))
+                .is_ok_and(|backing| Path::new(backing.trim_end()) == image)
+        })
+        .map(|device| device.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Runs host-side git in a test's own repository (never in a workspace).
@@ -204,11 +258,43 @@ fn processes_of(uid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Waits until no host process runs as `uid` (teardown of a killed sandbox is asynchronous).
-pub(crate) async fn wait_no_processes_of(uid: u32, within: Duration) -> Vec<u32> {
+/// Host processes whose mount namespace binds something of the sandbox directory `dir`
+/// (rootless sandboxes share the invoking user's uid: their mounts tell them apart).
+fn processes_mounting(dir: &Path) -> Vec<u32> {
+    let needle = format!(" {}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .is_ok_and(|mounts| mounts.contains(&needle))
+        })
+        .collect()
+}
+
+/// The host processes of the sandbox `id` (of host uid `uid`): as root, every process of the
+/// uid; rootless, every process with its directories mounted.
+pub(crate) fn sandbox_processes(h: &Harness, id: &str, uid: u32) -> Vec<u32> {
+    match h.mode() {
+        SandboxMode::Root => processes_of(uid),
+        SandboxMode::Rootless => processes_mounting(&h.root.join(id)),
+    }
+}
+
+/// Waits until no host process of the sandbox `id` is left (teardown of a killed sandbox is
+/// asynchronous): as root, none runs as its `uid`; rootless, none has its directories mounted.
+pub(crate) async fn wait_no_processes_of(
+    h: &Harness,
+    id: &str,
+    uid: u32,
+    within: Duration,
+) -> Vec<u32> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let left = processes_of(uid);
+        let left = sandbox_processes(h, id, uid);
         if left.is_empty() || tokio::time::Instant::now() >= deadline {
             return left;
         }

@@ -21,12 +21,12 @@ async fn main() -> Result<()> {
     std::fs::rename(&tmp, &out)?;
 
     let parent = std::os::unix::process::parent_id();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = canopy_process::shutdown_signal();
+    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            () = &mut shutdown => break,
             // a parent killed without cleaning up: do not outlive it
             _ = tick.tick() => if std::os::unix::process::parent_id() != parent { break },
         }

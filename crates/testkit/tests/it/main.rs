@@ -77,3 +77,69 @@ async fn nats_gives_jetstream_and_a_unique_prefix() {
         "a dropped TestNats leaves its streams behind"
     );
 }
+
+/// The dev stack's and the tests' own servers listen on loopback and require the credentials
+/// they generated: an unauthenticated connection is refused.
+#[tokio::test]
+async fn local_servers_require_the_credentials_they_generate() {
+    use sqlx::Connection;
+    let dir = canopy_local_servers::fresh_dir("credentials").unwrap();
+    let pg = canopy_local_servers::start_postgres(
+        &dir.join("postgres"),
+        canopy_local_servers::free_port().unwrap(),
+        canopy_local_servers::Durability::Throwaway,
+    )
+    .unwrap();
+    let nats = canopy_local_servers::start_nats(
+        &dir.join("nats"),
+        canopy_local_servers::free_port().unwrap(),
+    )
+    .unwrap();
+    for url in [&pg.url, &nats.url] {
+        assert!(
+            url.contains("@127.0.0.1:"),
+            "not on loopback with credentials: {url}"
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut conn = loop {
+        match sqlx::PgConnection::connect(&pg.url).await {
+            Ok(conn) => break conn,
+            Err(error) if std::time::Instant::now() > deadline => panic!("{error}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    let superuser: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(superuser);
+    let (_, host) = pg.url.split_once('@').unwrap();
+    let anonymous = format!("postgres://postgres@{host}");
+    assert!(
+        sqlx::PgConnection::connect(&anonymous).await.is_err(),
+        "Postgres trusts a connection without a password"
+    );
+    let wrong = format!("postgres://postgres:wrong@{host}");
+    assert!(sqlx::PgConnection::connect(&wrong).await.is_err());
+
+    let client = loop {
+        match canopy_testkit::connect_nats(&nats.url).await {
+            Ok(client) => break client,
+            Err(error) if std::time::Instant::now() > deadline => panic!("{error}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    client.flush().await.unwrap();
+    let (_, host) = nats.url.split_once('@').unwrap();
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        async_nats::connect(format!("nats://{host}")),
+    )
+    .await
+    .map_or(true, |connected| connected.is_err());
+    assert!(refused, "nats-server takes a client without credentials");
+    pg.signal("INT").unwrap();
+    nats.signal("TERM").unwrap();
+}

@@ -5,14 +5,14 @@ use std::time::Duration;
 use rand::Rng;
 
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     base: Duration,
     max: Duration,
     failures: u32,
 }
 
 impl Backoff {
-    pub(crate) fn new(base: Duration, max: Duration) -> Self {
+    pub fn new(base: Duration, max: Duration) -> Self {
         Self {
             base: base.max(Duration::from_millis(1)),
             max: max.max(base),
@@ -22,12 +22,19 @@ impl Backoff {
 
     /// The delay before the next attempt: "equal jitter", a random point in the upper half of
     /// an exponentially growing ceiling, so there is always some pause yet no lockstep.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.failures.min(16))
-            .min(self.max);
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = Self::after(self.base, self.max, self.failures);
         self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    /// The delay after `failures` earlier failures in a row (0 for the first retry), for
+    /// callers that count failures themselves (a message's delivery count).
+    pub fn after(base: Duration, max: Duration, failures: u32) -> Duration {
+        let base = base.max(Duration::from_millis(1));
+        let ceiling = base
+            .saturating_mul(1u32 << failures.min(16))
+            .min(max.max(base));
         let ceiling_ms = u64::try_from(ceiling.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -36,7 +43,7 @@ impl Backoff {
     }
 
     /// Progress was made: the next failure starts from the base delay again.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.failures = 0;
     }
 }
