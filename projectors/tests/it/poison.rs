@@ -21,10 +21,30 @@ async fn wait_parked(pipeline: &Pipeline, expected: i64) {
         if open == expected {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{open} parked, expected {expected}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            // say what is parked and what the database is waiting on, not only how many
+            let parked: Vec<(String, i64, String, i32, String)> = sqlx::query_as(
+                "SELECT aggregate_id, sequence, error, attempts,
+                        (next_attempt_at - now())::text
+                   FROM read.parked_events WHERE resolved_at IS NULL",
+            )
+            .fetch_all(pipeline.pool())
+            .await
+            .unwrap_or_default();
+            let waiting: Vec<(String, String)> = sqlx::query_as(
+                "SELECT coalesce(wait_event_type, '') || ':' || coalesce(wait_event, ''), query
+                   FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND state <> 'idle'",
+            )
+            .fetch_all(pipeline.pool())
+            .await
+            .unwrap_or_default();
+            panic!(
+                "{open} parked, expected {expected}; parked (aggregate, sequence, error, \
+                 attempts, next attempt in): {parked:?}; busy connections: {waiting:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
