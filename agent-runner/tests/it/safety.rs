@@ -18,7 +18,10 @@ async fn secrets_printed_by_tools_are_never_recorded_and_huge_outputs_are_cut() 
             "echo OPENAI_API_KEY=sk-live-abcdefghijklmnopqrstuvwxyz0123; \
              printf -- '-----BEGIN OPENSSH PRIVATE KEY-----\\nb3BlbnNzaC1rZXktdjEAAAA\\n-----END OPENSSH PRIVATE KEY-----\\n'",
         ))
-        .then(bash("head -c 300000 /dev/zero | tr '\\0' x"))
+        // 300 KB in lines of 100: OpenCode keeps the output's tail (whole lines, up to its own
+        // limit) and that tail is still far over what the runner records. One 300 KB line made
+        // OpenCode's kept tail depend on how the pipe was read, sometimes under the cut.
+        .then(bash("head -c 300000 /dev/zero | tr '\\0' x | fold -w 100"))
         .then(Step::text("Printed. The key was sk-live-abcdefghijklmnopqrstuvwxyz0123."));
     let mut stack = Stack::start(script).await.unwrap();
     let mut config = stack.runner_config();
