@@ -22,8 +22,10 @@ pub(super) async fn apply(
             let preview: String = e.text.chars().take(PREVIEW_CHARS).collect();
             sqlx::query(
                 "INSERT INTO prompts (prompt_id, session_id, workspace_id, author_id, author_name,
-                     text_preview, text_length, status, submitted_sequence, submitted_at, created_xid, created_position)
-                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'queued', $7, $8, $9, $10
+                     text_preview, text_length, status, queue_position, submitted_sequence,
+                     submitted_at, created_xid, created_position)
+                 SELECT $1, $2, s.workspace_id, $3, $4, $5, $6, 'queued', s.queue_length + 1, $7,
+                        $8, $9, $10
                    FROM sessions s WHERE s.session_id = $2",
             )
             .bind(e.prompt_id)
@@ -38,70 +40,87 @@ pub(super) async fn apply(
             .bind(origin.position())
             .execute(&mut *conn)
             .await?;
-            requeue(conn, session_id).await
+            Ok(())
         }
         SessionEvent::PromptStarted(e) => {
-            sqlx::query(
-                "UPDATE prompts SET status = 'running', started_at = $2 WHERE prompt_id = $1",
+            let was = sqlx::query_scalar(
+                "UPDATE prompts p SET status = 'running', started_at = $2, queue_position = NULL
+                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
+                  WHERE p.prompt_id = o.prompt_id
+                 RETURNING o.was",
             )
             .bind(e.prompt_id)
             .bind(at)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-            requeue(conn, session_id).await
+            close_gap(conn, session_id, was.flatten()).await
         }
         SessionEvent::PromptCompleted(e) => {
-            sqlx::query(
-                "UPDATE prompts SET status = 'completed', finished_at = $2, summary = $3 WHERE prompt_id = $1",
+            let was = sqlx::query_scalar(
+                "UPDATE prompts p SET status = 'completed', finished_at = $2, summary = $3, queue_position = NULL
+                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
+                  WHERE p.prompt_id = o.prompt_id
+                 RETURNING o.was",
             )
             .bind(e.prompt_id)
             .bind(at)
             .bind(&e.summary)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-            requeue(conn, session_id).await
+            close_gap(conn, session_id, was.flatten()).await
         }
         SessionEvent::PromptFailed(e) => {
-            sqlx::query(
-                "UPDATE prompts SET status = 'failed', finished_at = $2, failure_reason = $3 WHERE prompt_id = $1",
+            let was = sqlx::query_scalar(
+                "UPDATE prompts p SET status = 'failed', finished_at = $2, failure_reason = $3, queue_position = NULL
+                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
+                  WHERE p.prompt_id = o.prompt_id
+                 RETURNING o.was",
             )
             .bind(e.prompt_id)
             .bind(at)
             .bind(&e.reason)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-            requeue(conn, session_id).await
+            close_gap(conn, session_id, was.flatten()).await
         }
         SessionEvent::PromptCancelled(e) => {
-            sqlx::query(
-                "UPDATE prompts SET status = 'cancelled', finished_at = $2, cancelled_by = $3 WHERE prompt_id = $1",
+            let was = sqlx::query_scalar(
+                "UPDATE prompts p SET status = 'cancelled', finished_at = $2, cancelled_by = $3, queue_position = NULL
+                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
+                  WHERE p.prompt_id = o.prompt_id
+                 RETURNING o.was",
             )
             .bind(e.prompt_id)
             .bind(at)
             .bind(&e.cancelled_by)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-            requeue(conn, session_id).await
+            close_gap(conn, session_id, was.flatten()).await
         }
         _ => Ok(()),
     }
 }
 
-/// Numbers the queued prompts in submission order (others get none). Only rows that are queued
-/// or still carry a position can change, and the partial index `prompts_queue` holds just those,
-/// so this reads the queue, not the session's history.
-async fn requeue(conn: &mut PgConnection, session_id: Uuid) -> Result<(), ProjectionError> {
+/// The queue's positions are 1..n in submission order, and only queued prompts have one: a new
+/// prompt takes the session's queue length + 1 (no other row changes), and a prompt that leaves
+/// the queue (started, cancelled, failed) moves up the ones behind it. Nothing here reads the
+/// session's history; a submit reads no other prompt at all. (It renumbered the whole queue on
+/// every prompt event before: quadratic in a long queue, 213 events/s rebuilding the bench's
+/// history.)
+async fn close_gap(
+    conn: &mut PgConnection,
+    session_id: Uuid,
+    was: Option<i32>,
+) -> Result<(), ProjectionError> {
+    let Some(was) = was else {
+        return Ok(());
+    };
     sqlx::query(
-        "UPDATE prompts p SET queue_position = q.position
-           FROM (SELECT prompt_id,
-                        CASE WHEN status = 'queued'
-                             THEN row_number() OVER (PARTITION BY status = 'queued' ORDER BY submitted_sequence)
-                        END::integer AS position
-                   FROM prompts
-                  WHERE session_id = $1 AND (status = 'queued' OR queue_position IS NOT NULL)) q
-          WHERE p.prompt_id = q.prompt_id AND p.queue_position IS DISTINCT FROM q.position",
+        "UPDATE prompts SET queue_position = queue_position - 1
+          WHERE session_id = $1 AND status = 'queued' AND queue_position > $2",
     )
     .bind(session_id)
+    .bind(was)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -67,12 +67,12 @@ pub(super) async fn apply(
         }
         SessionEvent::PromptSubmitted(_) => {
             sqlx::query(
-                "UPDATE sessions SET prompt_count = prompt_count + 1 WHERE session_id = $1",
+                "UPDATE sessions SET prompt_count = prompt_count + 1, queue_length = queue_length + 1
+                  WHERE session_id = $1",
             )
             .bind(session_id)
             .execute(&mut *conn)
             .await?;
-            count_queue(conn, session_id).await?;
         }
         SessionEvent::PromptStarted(e) => {
             sqlx::query("UPDATE sessions SET running_prompt_id = $2 WHERE session_id = $1")
@@ -180,12 +180,16 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// The queue's length, from the prompts' rows (written before this table's); `status = 'queued'`
-/// implies the predicate of the partial index `prompts_queue`, so this reads the queue, not the
-/// history (checked with EXPLAIN).
+/// The queue's length after a prompt left it, from the prompts' rows (written before this
+/// table's): positions are 1..n in submission order, so it is the position of the last queued
+/// prompt, one entry read backwards from the partial index `prompts_queue` (`status = 'queued'`
+/// implies its predicate), not a count of the queue.
 async fn count_queue(conn: &mut PgConnection, session_id: Uuid) -> Result<(), ProjectionError> {
     sqlx::query(
-        "UPDATE sessions SET queue_length = (SELECT count(*) FROM prompts WHERE session_id = $1 AND status = 'queued')
+        "UPDATE sessions SET queue_length = COALESCE(
+                (SELECT queue_position FROM prompts
+                  WHERE session_id = $1 AND status = 'queued'
+                  ORDER BY submitted_sequence DESC LIMIT 1), 0)
           WHERE session_id = $1",
     )
     .bind(session_id)
