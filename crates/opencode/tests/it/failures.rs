@@ -28,18 +28,23 @@ async fn a_failing_model_is_stopped_at_the_first_retry() {
     };
 
     // HTTP 500, then a connection reset in the middle of the stream: OpenCode retries both
-    // after a backoff (about 2 s), and announces the retry.
+    // after a backoff (about 2 s), and announces the retry. OpenCode's runtime words a reset
+    // either way, depending on when it reads the closed socket.
     for (step, expected, kept) in [
         (
             Step::fail(500, "upstream exploded"),
-            "upstream exploded",
+            &["upstream exploded"][..],
             "",
         ),
-        (Step::reset("Partial answer", 2), "reset", "Partial"),
+        (
+            Step::reset("Partial answer", 2),
+            &["reset", "closed unexpectedly"][..],
+            "Partial",
+        ),
     ] {
         h.model.push([step]);
         let calls_before = h.model.scripted_requests().len();
-        let session = h.titled_session(expected).await.unwrap();
+        let session = h.titled_session(expected[0]).await.unwrap();
         let outcome = run_turn(
             &h.client,
             &session.id,
@@ -54,7 +59,12 @@ async fn a_failing_model_is_stopped_at_the_first_retry() {
             panic!("not stopped for retrying: {:?}", outcome.end)
         };
         assert_eq!(*attempt, 1);
-        assert!(message.to_lowercase().contains(expected), "{message}");
+        assert!(
+            expected
+                .iter()
+                .any(|words| message.to_lowercase().contains(words)),
+            "{message}"
+        );
         // Stopped during the first backoff, before a second call.
         assert_eq!(h.model.scripted_requests().len(), calls_before + 1);
         assert!(
@@ -66,7 +76,16 @@ async fn a_failing_model_is_stopped_at_the_first_retry() {
         // model sent before it failed.
         let last = outcome.final_message().unwrap();
         assert!(last.info.is_completed());
-        assert_eq!(last.text(), kept);
+        if message.to_lowercase().contains("closed unexpectedly") {
+            // read as a failed connection: what arrived before it may not have been read
+            assert!(
+                last.text().is_empty() || last.text() == kept,
+                "{}",
+                last.text()
+            );
+        } else {
+            assert_eq!(last.text(), kept);
+        }
         assert_idle(&h, &session.id).await;
     }
 }
