@@ -43,62 +43,47 @@ pub(super) async fn apply(
             Ok(())
         }
         SessionEvent::PromptStarted(e) => {
-            let was = sqlx::query_scalar(
-                "UPDATE prompts p SET status = 'running', started_at = $2, queue_position = NULL
-                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
-                  WHERE p.prompt_id = o.prompt_id
-                 RETURNING o.was",
-            )
-            .bind(e.prompt_id)
-            .bind(at)
-            .fetch_optional(&mut *conn)
-            .await?;
-            close_gap(conn, session_id, was.flatten()).await
+            let sql = leaving("status = 'running', started_at = $2");
+            let query = sqlx::query_scalar(&sql).bind(e.prompt_id).bind(at);
+            leave(conn, session_id, query).await
         }
         SessionEvent::PromptCompleted(e) => {
-            let was = sqlx::query_scalar(
-                "UPDATE prompts p SET status = 'completed', finished_at = $2, summary = $3, queue_position = NULL
-                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
-                  WHERE p.prompt_id = o.prompt_id
-                 RETURNING o.was",
-            )
-            .bind(e.prompt_id)
-            .bind(at)
-            .bind(&e.summary)
-            .fetch_optional(&mut *conn)
-            .await?;
-            close_gap(conn, session_id, was.flatten()).await
+            let sql = leaving("status = 'completed', finished_at = $2, summary = $3");
+            let query = sqlx::query_scalar(&sql)
+                .bind(e.prompt_id)
+                .bind(at)
+                .bind(&e.summary);
+            leave(conn, session_id, query).await
         }
         SessionEvent::PromptFailed(e) => {
-            let was = sqlx::query_scalar(
-                "UPDATE prompts p SET status = 'failed', finished_at = $2, failure_reason = $3, queue_position = NULL
-                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
-                  WHERE p.prompt_id = o.prompt_id
-                 RETURNING o.was",
-            )
-            .bind(e.prompt_id)
-            .bind(at)
-            .bind(&e.reason)
-            .fetch_optional(&mut *conn)
-            .await?;
-            close_gap(conn, session_id, was.flatten()).await
+            let sql = leaving("status = 'failed', finished_at = $2, failure_reason = $3");
+            let query = sqlx::query_scalar(&sql)
+                .bind(e.prompt_id)
+                .bind(at)
+                .bind(&e.reason);
+            leave(conn, session_id, query).await
         }
         SessionEvent::PromptCancelled(e) => {
-            let was = sqlx::query_scalar(
-                "UPDATE prompts p SET status = 'cancelled', finished_at = $2, cancelled_by = $3, queue_position = NULL
-                   FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
-                  WHERE p.prompt_id = o.prompt_id
-                 RETURNING o.was",
-            )
-            .bind(e.prompt_id)
-            .bind(at)
-            .bind(&e.cancelled_by)
-            .fetch_optional(&mut *conn)
-            .await?;
-            close_gap(conn, session_id, was.flatten()).await
+            let sql = leaving("status = 'cancelled', finished_at = $2, cancelled_by = $3");
+            let query = sqlx::query_scalar(&sql)
+                .bind(e.prompt_id)
+                .bind(at)
+                .bind(&e.cancelled_by);
+            leave(conn, session_id, query).await
         }
         _ => Ok(()),
     }
+}
+
+/// The update of prompt `$1` that sets `set` (its status and times) and takes it out of the
+/// queue, returning the position it had (if it was queued).
+fn leaving(set: &str) -> String {
+    format!(
+        "UPDATE prompts p SET {set}, queue_position = NULL
+           FROM (SELECT prompt_id, queue_position AS was FROM prompts WHERE prompt_id = $1) o
+          WHERE p.prompt_id = o.prompt_id
+         RETURNING o.was"
+    )
 }
 
 /// The queue's positions are 1..n in submission order, and only queued prompts have one: a new
@@ -106,13 +91,13 @@ pub(super) async fn apply(
 /// the queue (started, cancelled, failed) moves up the ones behind it. Nothing here reads the
 /// session's history; a submit reads no other prompt at all. (It renumbered the whole queue on
 /// every prompt event before: quadratic in a long queue, 213 events/s rebuilding the bench's
-/// history.)
-async fn close_gap(
+/// history.) Runs `update` (a [`leaving`] statement) and closes the gap the prompt left.
+async fn leave(
     conn: &mut PgConnection,
     session_id: Uuid,
-    was: Option<i32>,
+    update: sqlx::query::QueryScalar<'_, sqlx::Postgres, Option<i32>, sqlx::postgres::PgArguments>,
 ) -> Result<(), ProjectionError> {
-    let Some(was) = was else {
+    let Some(was) = update.fetch_optional(&mut *conn).await?.flatten() else {
         return Ok(());
     };
     sqlx::query(
